@@ -1,0 +1,1 @@
+"""DG-Net++ in PyTorch Lightning."""
