@@ -1,0 +1,46 @@
+"""Checkpoint files: safe loading (``weights_only=True``) with clear errors, and resume-path resolution."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt or incompatible; the message names the file."""
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True`` (no arbitrary pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist; check the path (ckpt_path=, init_ckpt=).")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
+        raise CheckpointError(
+            f"Checkpoint {path} is truncated or corrupt and cannot be loaded ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). Use an earlier checkpoint, e.g. last.ckpt."
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"Checkpoint {path} holds no 'state_dict'; it is not a dgnetpp_pl checkpoint.")
+    return ckpt
+
+
+def resolve_resume(ckpt_path: str | None, stage_dir: Path) -> str | None:
+    """Map ``ckpt_path`` to a file for one stage: ``"last"`` means ``<stage_dir>/last.ckpt`` when it exists."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        last = stage_dir / "last.ckpt"
+        return str(last) if last.is_file() else None
+    path = Path(ckpt_path)
+    # An explicit file belongs to the stage whose folder holds it.
+    if path.parent.resolve() != stage_dir.resolve():
+        return None
+    load_checkpoint(path)  # fail early, naming the file, if it is corrupt
+    return str(path)
