@@ -1,0 +1,1 @@
+"""Lightning callbacks: pseudo-labelling and image grids."""

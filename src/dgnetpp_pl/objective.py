@@ -1,0 +1,303 @@
+"""One DG-Net++ iteration as tensor math: the shared forward pass, the discriminator losses and the
+generator/encoder losses. No Lightning here, so the terms can be tested and benchmarked alone.
+
+Domain ``a`` is the labelled source, ``b`` the second half of the pair: the target in the adapt stage, a second
+source batch in the source stage. ``x_ab = G_a(s_a, f_b)`` (source structure, target appearance) and
+``x_ba = G_b(s_b, f_a)``, as in the official code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from dgnetpp_pl import losses
+from dgnetpp_pl.data.transforms import random_erasing
+from dgnetpp_pl.models.appearance import AppearanceEncoder
+from dgnetpp_pl.models.discriminators import DomainDiscriminator, MultiScaleImageDiscriminator
+from dgnetpp_pl.models.generator import Generator
+
+
+@dataclass
+class PairBatch:
+    """Images ``(B, 3, H, W)`` and global class labels ``(B,)`` (-1: no id loss) of both halves."""
+
+    x_a: Tensor
+    xp_a: Tensor
+    l_a: Tensor
+    x_b: Tensor
+    xp_b: Tensor
+    l_b: Tensor
+
+
+@dataclass
+class StepFlags:
+    """Which terms are active in this phase (source stage, adapt warm-up, adapt self-training)."""
+
+    b_ids: bool  # id losses on the b half (source stage, or target pseudo-labels in self-training)
+    domain_adv: bool  # domain-adversarial alignment (adapt warm-up)
+    recon_xp_b: float  # weight of the b-half positive reconstruction
+    pid_b: bool  # positive id loss on the b half (source stage only; the official tgt_pos is 0)
+    num_active_classes: int  # logits past this index are masked out (unused target capacity)
+
+
+@dataclass
+class Forward:
+    """Everything the D and G steps need, computed once per iteration."""
+
+    x_ab: Tensor
+    x_ba: Tensor
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Temporarily stop gradients into the parameters of ``modules`` (inputs still receive gradients)."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def dropout_off(module: nn.Module) -> Iterator[None]:
+    """Dropout in eval mode while BatchNorm keeps using batch statistics (the official frozen copy's mode)."""
+    drops = [m for m in module.modules() if isinstance(m, nn.Dropout) and m.training]
+    for m in drops:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in drops:
+            m.train()
+
+
+def frozen_call(module: nn.Module, method: str, *args: Tensor) -> object:
+    """Run ``module.method`` on detached weights: gradients reach the inputs only and running stats stay put.
+
+    Replaces the official per-step ``deepcopy`` of the encoders.
+    """
+    state = {k: v.detach() for k, v in module.named_parameters()}
+    # Clones absorb the BatchNorm running-stat updates, so the live buffers are untouched.
+    state.update({k: v.detach().clone() for k, v in module.named_buffers()})
+    with dropout_off(module):
+        if method == "forward":
+            return functional_call(module, state, args, strict=False)
+        return functional_call(_MethodAsForward(module, method), {f"inner.{k}": v for k, v in state.items()}, args)
+
+
+class _MethodAsForward(nn.Module):
+    """Exposes ``inner.<method>`` as ``forward`` so functional_call can run a method other than forward."""
+
+    def __init__(self, inner: nn.Module, method: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.method = method
+
+    def forward(self, *args: Tensor) -> object:
+        return getattr(self.inner, self.method)(*args)
+
+
+def mask_logits(logits: Tensor, num_active: int) -> Tensor:
+    """Hide classifier outputs past ``num_active`` (target capacity not in use this round)."""
+    if num_active >= logits.shape[1]:
+        return logits
+    mask = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+    mask[num_active:] = True
+    return logits.masked_fill(mask, -1e4)
+
+
+def _split(t: Tensor, sizes: list[int]) -> list[Tensor]:
+    return list(torch.split(t, sizes, dim=0))
+
+
+def forward_pair(
+    e_app: AppearanceEncoder,
+    gen_a: Generator,
+    gen_b: Generator,
+    batch: PairBatch,
+    flags: StepFlags,
+    *,
+    erasing_p: float,
+    structure_detach_p: float,
+    generator: torch.Generator | None = None,
+) -> Forward:
+    """Encode, swap, re-encode and cycle once; every tensor the losses use is kept in ``Forward.tensors``."""
+    bsz = batch.x_a.shape[0]
+    # One appearance-encoder call over the real images (BatchNorm statistics over the joint batch).
+    erase_src = [batch.x_a, batch.xp_a] + ([batch.x_b, batch.xp_b] if flags.b_ids else [])
+    erased = random_erasing(torch.cat(erase_src), p=erasing_p, generator=generator)
+    need_xp_b = flags.recon_xp_b > 0
+    parts = [batch.x_a, batch.x_b, batch.xp_a] + ([batch.xp_b] if need_xp_b else []) + [erased]
+    sizes = [p.shape[0] for p in parts]
+    code, feat = e_app.backbone_forward(torch.cat(parts))
+    codes = _split(code, sizes)
+    feats = _split(feat, sizes)
+    f_a, f_b, fp_a = codes[0], codes[1], codes[2]
+    fp_b = codes[3] if need_xp_b else None
+    fe_a, fe_b = feats[0], feats[1]
+    logits_er, _ = e_app.heads(feats[-1])
+    logits_er = tuple(mask_logits(lg, flags.num_active_classes) for lg in logits_er)
+
+    # Structure codes; generators have only per-sample norms, so batching their calls changes nothing.
+    s_a = gen_a.encode(batch.x_a)
+    s_b = gen_b.encode(batch.x_b)
+    dec_a_s = [s_a, s_a, s_a]
+    dec_a_f = [f_a, fp_a, f_b]
+    out_a = _split(gen_a.decode(torch.cat(dec_a_s), torch.cat(dec_a_f)), [bsz] * 3)
+    x_a_recon, x_a_recon_p, x_ab = out_a
+    dec_b_s = [s_b, s_b] + ([s_b] if need_xp_b else [])
+    dec_b_f = [f_b, f_a] + ([fp_b] if need_xp_b else [])
+    out_b = _split(gen_b.decode(torch.cat(dec_b_s), torch.cat(dec_b_f)), [bsz] * len(dec_b_s))
+    x_b_recon, x_ba = out_b[0], out_b[1]
+
+    # Re-encode the fakes with frozen weights: the gradient reaches the generators only.
+    re_out = frozen_call(e_app, "forward", torch.cat([x_ba, x_ab]))
+    f_a_recon, f_b_recon = _split(re_out.code, [bsz, bsz])
+    re_logits = _split(mask_logits(re_out.logits[0], flags.num_active_classes), [bsz, bsz])
+
+    # use_encoder_again: train the structure encoder on the detached fake, or the generator through a frozen one.
+    use_detached = torch.rand((), generator=generator).item() < structure_detach_p
+    if use_detached:
+        s_a_recon = gen_a.encode(x_ab.detach())
+        s_b_recon = gen_b.encode(x_ba.detach())
+    else:
+        s_a_recon = frozen_call(gen_a, "encode", x_ab)
+        s_b_recon = frozen_call(gen_b, "encode", x_ba)
+    x_aba = gen_a.decode(s_a_recon, f_a_recon)
+    x_bab = gen_b.decode(s_b_recon, f_b_recon)
+
+    t = {
+        "f_a": f_a,
+        "f_b": f_b,
+        "fe_a": fe_a,
+        "fe_b": fe_b,
+        "s_a": s_a,
+        "s_b": s_b,
+        "x_a_recon": x_a_recon,
+        "x_a_recon_p": x_a_recon_p,
+        "x_b_recon": x_b_recon,
+        "f_a_recon": f_a_recon,
+        "f_b_recon": f_b_recon,
+        "s_a_recon": s_a_recon,
+        "s_b_recon": s_b_recon,
+        "x_aba": x_aba,
+        "x_bab": x_bab,
+        "re_logits_ba": re_logits[0],
+        "re_logits_ab": re_logits[1],
+    }
+    er = _split(logits_er[0], [bsz] * (len(erase_src)))
+    er2 = _split(logits_er[1], [bsz] * (len(erase_src)))
+    t["id1_a"], t["id2_a"], t["pid_a"] = er[0], er2[0], er[1]
+    if flags.b_ids:
+        t["id1_b"], t["id2_b"], t["pid_b"] = er[2], er2[2], er[3]
+    if need_xp_b:
+        t["x_b_recon_p"] = out_b[2]
+    return Forward(x_ab=x_ab, x_ba=x_ba, tensors=t)
+
+
+def image_d_loss(
+    d_img: MultiScaleImageDiscriminator, fwd: Forward, batch: PairBatch, *, gan_w: float, r1_w: float
+) -> dict[str, Tensor]:
+    """D_img step: LSGAN on detached fakes vs reals plus the R1 penalty (official ``dis_update``)."""
+    bsz = batch.x_a.shape[0]
+    fake = torch.cat([fwd.x_ba, fwd.x_ab]).detach()
+    # A fresh leaf for the R1 gradient, so the generator step never back-propagates into the inputs.
+    real = torch.cat([batch.x_a, batch.x_b]).detach().requires_grad_(r1_w > 0)
+    d_fake = d_img(fake)
+    d_real = d_img(real)
+    gan = fake.new_zeros(())
+    # The official code calls D once per (fake, real) pair and sums; D has no BatchNorm, so split the outputs.
+    for half in range(2):
+        sl = slice(half * bsz, (half + 1) * bsz)
+        gan = gan + losses.lsgan_d_loss([o[sl] for o in d_fake], [o[sl] for o in d_real])
+    out = {"d_img_gan": gan_w * gan}
+    if r1_w > 0:
+        # r1_penalty averages over the joint batch; the official sum over two calls of B is twice that.
+        out["d_img_r1"] = gan_w * r1_w * 2.0 * losses.r1_penalty(d_real, real)
+    out["d_img_total"] = sum(out.values())
+    return out
+
+
+def domain_d_loss(d_dom: DomainDiscriminator, fwd: Forward, *, weight: float, reduction: str) -> Tensor:
+    """D_dom step on detached global appearance features (source label 0, target label 1)."""
+    t = fwd.tensors
+    return weight * losses.domain_d_loss(d_dom(t["fe_a"].detach()), d_dom(t["fe_b"].detach()), reduction)
+
+
+def generator_losses(
+    fwd: Forward,
+    batch: PairBatch,
+    flags: StepFlags,
+    d_img: MultiScaleImageDiscriminator,
+    d_dom: DomainDiscriminator | None,
+    w: dict[str, float],
+) -> dict[str, Tensor]:
+    """Weighted generator/encoder terms; ``w`` is the ``model.loss`` config. Keys are logged as ``train/<key>``."""
+    t = fwd.tensors
+    l1 = losses.recon_l1
+    out: dict[str, Tensor] = {}
+    out["recon_x"] = w["recon_x"] * (l1(t["x_a_recon"], batch.x_a) + l1(t["x_b_recon"], batch.x_b))
+    out["recon_xp"] = w["recon_xp"] * l1(t["x_a_recon_p"], batch.x_a)
+    if "x_b_recon_p" in t:
+        out["recon_xp"] = out["recon_xp"] + flags.recon_xp_b * l1(t["x_b_recon_p"], batch.x_b)
+    out["recon_s"] = w["recon_s"] * (l1(t["s_a_recon"], t["s_a"]) + l1(t["s_b_recon"], t["s_b"]))
+    out["recon_f"] = w["recon_f"] * (l1(t["f_a_recon"], t["f_a"]) + l1(t["f_b_recon"], t["f_b"]))
+    out["cycle"] = w["lambda_cyc"] * (l1(t["x_aba"], batch.x_a) + l1(t["x_bab"], batch.x_b))
+    with frozen(d_img):
+        d_fake = d_img(torch.cat([fwd.x_ba, fwd.x_ab]))
+    bsz = batch.x_a.shape[0]
+    gan = sum(
+        losses.lsgan_g_loss([o[h * bsz : (h + 1) * bsz] for o in d_fake], scale=w["gan_g_scale"]) for h in range(2)
+    )
+    out["gan"] = w["gan"] * gan
+    ce = losses.id_loss
+    out["id_s1"] = w["id"] * (ce(t["id1_a"], batch.l_a) + w["fine_grained"] * ce(t["id2_a"], batch.l_a))
+    out["pid"] = w["pid"] * ce(t["pid_a"], batch.l_a)
+    out["id_s2"] = w["lambda_id"] * ce(t["re_logits_ba"], batch.l_a)
+    if flags.b_ids:
+        out["id_t1"] = w["id"] * (ce(t["id1_b"], batch.l_b) + w["fine_grained"] * ce(t["id2_b"], batch.l_b))
+        out["id_t2"] = w["lambda_id"] * ce(t["re_logits_ab"], batch.l_b)
+    if flags.pid_b:
+        out["pid"] = out["pid"] + w["pid"] * ce(t["pid_b"], batch.l_b)
+    if flags.domain_adv and d_dom is not None:
+        with frozen(d_dom):
+            d_t = d_dom(t["fe_b"])
+        out["domain_adv"] = w["domain_adv"] * losses.domain_g_loss(
+            d_t, w["domain_reduction"], scale=w["domain_g_scale"]
+        )
+    out["g_total"] = sum(out.values())
+    return out
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Top-1 accuracy over labelled samples (labels >= 0); 0 when none is labelled."""
+    keep = labels >= 0
+    if not bool(keep.any()):
+        return logits.new_zeros(())
+    return (logits[keep].argmax(1) == labels[keep]).float().mean()
+
+
+__all__ = [
+    "PairBatch",
+    "StepFlags",
+    "Forward",
+    "forward_pair",
+    "image_d_loss",
+    "domain_d_loss",
+    "generator_losses",
+    "frozen",
+    "frozen_call",
+    "mask_logits",
+    "accuracy",
+]
