@@ -1,0 +1,311 @@
+"""CrossDomainDataModule: batch structure, positives, pseudo-labels, state, determinism, eval loaders."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+
+from dgnetpp_pl.data.datamodule import CrossDomainDataModule, pick_positives, split_validation_ids
+from dgnetpp_pl.data.datasets import DatasetError, Market1501
+from dgnetpp_pl.data.records import ImageRecord
+from dgnetpp_pl.data.synthetic import SMALL_SIZES
+
+B, H, W = 4, 32, 16
+
+
+def make_dm(data_dir: Path, **kwargs: Any) -> CrossDomainDataModule:
+    options = dict(
+        source={"name": "synthetic", "style": "source"},
+        target={"name": "synthetic", "style": "target"},
+        data_dir=str(data_dir),
+        height=H,
+        width=W,
+        batch_size=B,
+        num_workers=0,
+        synthetic=SMALL_SIZES,
+        test_batch_size=16,
+    )
+    options.update(kwargs)
+    dm = CrossDomainDataModule(**options)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def all_batches(loader) -> list[dict]:
+    return list(loader)
+
+
+def test_pick_positives_by_hand() -> None:
+    labels = np.array([0, 1, 0, -1, 2, 1, 0, -1])
+    anchors = np.array([0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0])
+    for seed in range(5):
+        pos = pick_positives(labels, anchors, np.random.default_rng(seed))
+        assert np.all(labels[pos[labels[anchors] >= 0]] == labels[anchors][labels[anchors] >= 0])
+        assert pos[3] == 3 and pos[7] == 7, "label -1: the anchor itself"
+        assert pos[4] == 4, "singleton cluster: the anchor itself"
+        assert all(p != a for p, a in zip(pos, anchors) if labels[a] in (0, 1))
+    draws = {int(pick_positives(labels, np.array([0]), np.random.default_rng(s))[0]) for s in range(40)}
+    assert draws == {2, 6}, "every other member of the cluster can be drawn"
+
+
+def test_split_validation_ids_by_hand() -> None:
+    records = [ImageRecord(f"{pid}_{cam}_{k}", pid, cam) for pid in range(6) for cam in (0, 1) for k in range(2)]
+    records += [ImageRecord("single_cam", 6, 0)]
+    train, query, gallery = split_validation_ids(records, fraction=2 / 7, seed=0)
+    held = {int(r.path.split("_")[0]) for r in query}
+    assert len(held) == 2 and 6 not in held, "only ids seen by >= 2 cameras are held out"
+    assert {(r.pid, r.camid) for r in query} == {(p, c) for p in held for c in (0, 1)}
+    assert all(r.path.endswith("_0") for r in query) and all(r.path.endswith("_1") for r in gallery)
+    assert len(train) == len(records) - 8 and {r.pid for r in train} == set(range(5))
+    with pytest.raises(DatasetError, match="val_split"):
+        split_validation_ids(records, fraction=0.99, seed=0)
+
+
+def test_adapt_batch_structure(synthetic_data_dir: Path) -> None:
+    dm = make_dm(synthetic_data_dir)
+    loader = dm.train_dataloader()
+    batch = next(iter(loader))
+    assert set(batch) == {"source", "target"}
+    for domain, records in (("source", dm.source_train_records), ("target", dm.target_train_records)):
+        part = batch[domain]
+        assert set(part) == {"image", "pos", "label", "camid", "index", "pos_index"}
+        for key in ("image", "pos"):
+            assert part[key].shape == (B, 3, H, W) and part[key].dtype == torch.float32
+        for key in ("label", "camid", "index", "pos_index"):
+            assert part[key].shape == (B,) and part[key].dtype == torch.int64
+        assert part["camid"].tolist() == [records[i].camid for i in part["index"].tolist()]
+    source = batch["source"]
+    assert source["label"].tolist() == [dm.source_train_records[i].pid for i in source["index"].tolist()]
+    assert (batch["target"]["label"] == -1).all(), "no pseudo-labels yet"
+    expected = min(len(dm.source_train_records), len(dm.target_train_records)) // B
+    assert len(loader) == expected == len(all_batches(loader))
+
+
+def test_positives_share_the_label_and_are_other_files(synthetic_data_dir: Path) -> None:
+    dm = make_dm(synthetic_data_dir)
+    n = len(dm.target_train_records)
+    labels = np.arange(n) % 7
+    labels[::5] = -1
+    labels[1] = 50  # a singleton cluster
+    dm.set_target_labels(labels)
+    singleton_seen = False
+    for batch in all_batches(dm.train_dataloader()):
+        src, tgt = batch["source"], batch["target"]
+        records = dm.source_train_records
+        assert (src["pos_index"] != src["index"]).all(), "every synthetic train id has >= 2 images"
+        assert [records[i].pid for i in src["pos_index"].tolist()] == src["label"].tolist()
+        index, pos = tgt["index"].numpy(), tgt["pos_index"].numpy()
+        assert np.array_equal(tgt["label"].numpy(), labels[index]), "the labels set at run time are served"
+        clustered = (labels[index] >= 0) & (labels[index] != 50)
+        assert np.array_equal(labels[pos], labels[index])
+        assert (pos[clustered] != index[clustered]).all()
+        assert (pos[~clustered] == index[~clustered]).all(), "-1 / singleton: the same image"
+        same = ~clustered
+        if same.any():  # the second view is augmented independently
+            diff = (tgt["image"][same] - tgt["pos"][same]).abs().flatten(1).amax(1)
+            assert (diff > 0).all()
+        singleton_seen |= bool((labels[index] == 50).any())
+    assert singleton_seen
+
+
+def test_source_stage_batches(synthetic_data_dir: Path) -> None:
+    dm = make_dm(synthetic_data_dir, stage="source")
+    loader = dm.train_dataloader()
+    batch = next(iter(loader))
+    assert set(batch) == {"source"}
+    assert batch["source"]["image"].shape == (2 * B, 3, H, W)
+    assert len(loader) == len(dm.source_train_records) // (2 * B)
+
+
+def test_batches_are_deterministic_across_worker_counts_and_change_with_the_epoch(synthetic_data_dir: Path) -> None:
+    a = make_dm(synthetic_data_dir, seed=3, num_workers=0)
+    b = make_dm(synthetic_data_dir, seed=3, num_workers=2)
+    batches_a, batches_b = all_batches(a.train_dataloader()), all_batches(b.train_dataloader())
+    assert len(batches_a) == len(batches_b)
+    for x, y in zip(batches_a, batches_b):
+        for domain in ("source", "target"):
+            for key in x[domain]:
+                assert torch.equal(x[domain][key], y[domain][key]), (domain, key)
+    loader = a.train_dataloader()  # a fresh loader of the next epoch (epoch counter advanced)
+    loader.sampler.set_epoch(1)
+    assert not torch.equal(next(iter(loader))["source"]["index"], batches_a[0]["source"]["index"])
+    other = make_dm(synthetic_data_dir, seed=4)
+    assert not torch.equal(next(iter(other.train_dataloader()))["source"]["image"], batches_a[0]["source"]["image"])
+
+
+def test_lightning_distributed_wrapper_splits_an_epoch_between_ranks(synthetic_data_dir: Path) -> None:
+    # Under DDP Lightning wraps our sampler like this (shuffle=False: it is not a RandomSampler).
+    dm = make_dm(synthetic_data_dir)
+    dm.set_target_labels(np.arange(len(dm.target_train_records)) % 4)
+    full = list(dm.train_dataloader().sampler)
+    shares = []
+    for rank in (0, 1):
+        sampler = dm.train_dataloader().sampler
+        sampler.set_epoch(0)
+        shares.append(list(DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=False)))
+    assert sorted(shares[0] + shares[1]) == sorted(full) and not set(shares[0]) & set(shares[1])
+    item = dm.train_dataloader().dataset[shares[1][0]]
+    assert item["target"]["label"] == shares[1][0].target % 4
+
+
+def test_set_target_labels_validates(synthetic_data_dir: Path) -> None:
+    dm = make_dm(synthetic_data_dir)
+    n = len(dm.target_train_records)
+    with pytest.raises(DatasetError, match=rf"shape \({n},\).*got \({n - 1},\)"):
+        dm.set_target_labels(np.zeros(n - 1, dtype=np.int64))
+    with pytest.raises(DatasetError, match="integers, got dtype float32"):
+        dm.set_target_labels(np.zeros(n, dtype=np.float32))
+    with pytest.raises(DatasetError, match=">= -1"):
+        dm.set_target_labels(np.full(n, -2))
+    assert dm.num_target_clusters == 0 and dm.target_labels is None
+    dm.set_target_labels(torch.arange(n) % 3)
+    assert dm.num_target_clusters == 3 and dm.target_labels.dtype == np.int64
+
+
+def test_state_dict_round_trip_through_a_weights_only_checkpoint(synthetic_data_dir: Path) -> None:
+    dm = make_dm(synthetic_data_dir)
+    labels = (np.arange(len(dm.target_train_records)) * 7) % 5 - 1
+    dm.set_target_labels(labels)
+    all_batches(dm.train_dataloader())
+    all_batches(dm.train_dataloader())
+    buffer = io.BytesIO()
+    torch.save({"datamodule": dm.state_dict()}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)["datamodule"]
+    fresh = make_dm(synthetic_data_dir)
+    fresh.load_state_dict(state)
+    assert np.array_equal(fresh.target_labels, labels) and fresh.state_dict()["epoch"] == 2
+    first = next(iter(fresh.train_dataloader()))
+    assert np.array_equal(first["target"]["label"].numpy(), labels[first["target"]["index"].numpy()])
+    wrong = make_dm(synthetic_data_dir, val_split=0.25)
+    with pytest.raises(DatasetError, match="shape"):
+        wrong.load_state_dict(state)
+
+
+def test_eval_loaders(synthetic_data_dir: Path) -> None:
+    dm = make_dm(synthetic_data_dir)
+    test = dm.test_dataloader()
+    samples = [s for batch in test for s in zip(*(batch[k] for k in ("pid", "camid", "index")))]
+    records = dm.query_records + dm.gallery_records
+    assert len(samples) == len(records) and dm.num_query == len(dm.query_records) == test.dataset.num_query
+    assert [int(i) for _, _, i in samples] == list(range(len(records)))
+    assert [(int(p), int(c)) for p, c, _ in samples] == [(r.pid, r.camid) for r in records]
+    assert next(iter(test))["image"].shape == (16, 3, H, W)
+    feats = dm.target_train_feature_loader()
+    assert sum(len(b["index"]) for b in feats) == len(dm.target_train_records)
+    assert torch.equal(next(iter(feats))["image"], next(iter(dm.target_train_feature_loader()))["image"])
+    preview = dm.preview_images("target", 5)
+    assert preview.shape == (5, 3, H, W) and torch.equal(preview, dm.preview_images("target", 5))
+
+
+def test_val_split_holds_out_target_ids(synthetic_data_dir: Path) -> None:
+    full = make_dm(synthetic_data_dir)
+    dm = make_dm(synthetic_data_dir, val_split=0.25)
+    held = {r.path for r in dm.val_query_records + dm.val_gallery_records}
+    assert held and not held & {r.path for r in dm.target_train_records}
+    assert len(held) + len(dm.target_train_records) == len(full.target_train_records)
+    assert dm.val_dataloader().dataset.num_query == dm.val_num_query == len(dm.val_query_records)
+    assert dm.test_dataloader().dataset.records == full.test_dataloader().dataset.records
+
+
+def test_batch_size_larger_than_source_ids_is_an_error(synthetic_data_dir: Path) -> None:
+    with pytest.raises(DatasetError, match=r"batch_size=20 is larger than the 12 source train identities"):
+        make_dm(synthetic_data_dir, batch_size=20)
+
+
+def test_config_errors_name_the_key(synthetic_data_dir: Path) -> None:
+    with pytest.raises(DatasetError, match=r"data.target.name is 'marketplace'; valid names: .*market1501"):
+        make_dm(synthetic_data_dir, target={"name": "marketplace", "root": "x"})
+    with pytest.raises(DatasetError, match=r"data.source.root is not set"):
+        make_dm(synthetic_data_dir, source={"name": "market1501"})
+    with pytest.raises(DatasetError, match=r"data.source: unknown key\(s\) \['rot'\]"):
+        make_dm(synthetic_data_dir, source={"name": "market1501", "rot": "x"})
+    with pytest.raises(DatasetError, match=r"data.synthetic: unknown synthetic setting"):
+        make_dm(synthetic_data_dir, synthetic={"num_ids": 3})
+    with pytest.raises(DatasetError, match=r"data.source: market1501 root '.*nowhere' does not exist"):
+        make_dm(synthetic_data_dir, source={"name": "market1501", "root": str(synthetic_data_dir / "nowhere")})
+
+
+def test_same_root_warns_and_verify_lists_every_bad_file(tmp_path: Path, synthetic_data_dir: Path) -> None:
+    root = synthetic_data_dir / "synthetic" / "indoor_s0"
+    market = {"name": "market1501", "root": str(root)}
+    with pytest.warns(UserWarning, match="same dataset"):
+        make_dm(tmp_path, source=market, target=market, verify=True)
+    copy = tmp_path / "market"
+    shutil.copytree(root, copy)
+    ds = Market1501(copy)
+    bad = [ds.train[3].path, ds.query[0].path, ds.gallery[-1].path]
+    for path in bad:
+        Path(path).write_bytes(b"broken")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DatasetError, match=r"3 unreadable image\(s\)") as info:
+            make_dm(tmp_path, source={"name": "market1501", "root": str(copy)}, target=market, verify=True)
+    assert all(path in str(info.value) for path in bad)
+
+
+def test_drop_target_outliers_shortens_the_epoch(synthetic_data_dir: Path) -> None:
+    dm = make_dm(synthetic_data_dir, drop_target_outliers=True)
+    labels = np.full(len(dm.target_train_records), -1)
+    labels[: 3 * B + 1] = np.arange(3 * B + 1) % 4
+    dm.set_target_labels(labels)
+    batches = all_batches(dm.train_dataloader())
+    assert len(batches) == 3
+    assert all((b["target"]["label"] >= 0).all() for b in batches)
+
+
+class _Recorder(pl.LightningModule):
+    """Records the target labels / indices of every train batch; sets labels at the end of epoch 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        t = batch["target"]
+        self.seen.setdefault(self.current_epoch, []).append((t["index"].numpy(), t["label"].numpy()))
+        return (self.weight * batch["source"]["image"].mean()).sum()
+
+    def on_train_epoch_end(self) -> None:
+        dm = self.trainer.datamodule
+        if self.current_epoch == 0:
+            dm.set_target_labels(np.arange(len(dm.target_train_records)) % 6)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("reload", [0, 1])
+def test_labels_set_between_epochs_reach_the_next_epoch_in_a_trainer(
+    synthetic_data_dir: Path, tmp_path: Path, reload: int
+) -> None:
+    dm = make_dm(synthetic_data_dir, num_workers=2)
+    model = _Recorder()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        reload_dataloaders_every_n_epochs=reload,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(model, datamodule=dm)
+    assert all((labels == -1).all() for _, labels in model.seen[0])
+    assert all(np.array_equal(labels, index % 6) for index, labels in model.seen[1])
+    order = [np.concatenate([i for i, _ in model.seen[e]]) for e in (0, 1)]
+    assert not np.array_equal(order[0], order[1]), "each epoch draws a new order"
