@@ -69,6 +69,10 @@ def test_split_validation_ids_by_hand() -> None:
     assert len(train) == len(records) - 8 and {r.pid for r in train} == set(range(5))
     with pytest.raises(DatasetError, match="val_split"):
         split_validation_ids(records, fraction=0.99, seed=0)
+    # One image in each of two cameras: only one can be a query, or neither would have a match.
+    sparse = [ImageRecord("a0", 0, 0), ImageRecord("a1", 0, 1), *(ImageRecord(f"b{c}", 1, c) for c in (0, 1))]
+    _, query, gallery = split_validation_ids(sparse, fraction=0.5, seed=0)
+    assert len(query) == 1 and len(gallery) == 1 and query[0].camid != gallery[0].camid
 
 
 def test_adapt_batch_structure(synthetic_data_dir: Path) -> None:
@@ -215,6 +219,8 @@ def test_val_split_holds_out_target_ids(synthetic_data_dir: Path) -> None:
     assert held and not held & {r.path for r in dm.target_train_records}
     assert len(held) + len(dm.target_train_records) == len(full.target_train_records)
     assert dm.val_dataloader().dataset.num_query == dm.val_num_query == len(dm.val_query_records)
+    for q in dm.val_query_records:  # every query can be matched under the Market protocol
+        assert any(g.pid == q.pid and g.camid != q.camid for g in dm.val_gallery_records)
     assert dm.test_dataloader().dataset.records == full.test_dataloader().dataset.records
 
 
