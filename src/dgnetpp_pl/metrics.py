@@ -240,9 +240,7 @@ def _evaluate(
         first_hist += np.bincount(st["first"], minlength=ng + 1)
 
     if num_valid == 0:
-        warnings.warn(
-            "no query has a good gallery match (same pid, other camera); every metric is 0", stacklevel=3
-        )
+        warnings.warn("no query has a good gallery match (same pid, other camera); every metric is 0", stacklevel=3)
     # cmc[k] = fraction of queries whose first good hit has rank <= k + 1 (rank 0 marks "no good hit").
     hits_upto = np.cumsum(first_hist[1:]) / nq
     cmc = np.zeros(int(max_rank), dtype=np.float64)

@@ -93,10 +93,9 @@ def reranked_distance_graph(
     n = x.shape[0]
     _check_k(n, k1, k2, base)
     enc = _encode(x, k1, k2, base)
-    ov = _overlap(enc.v, 0, n).tocoo()
-    jac = 1.0 - ov.data
-    keep = (1.0 - lambda_) * jac <= max_value  # T >= 0, so the others exceed max_value
-    rows, cols, jac = ov.row[keep], ov.col[keep], jac[keep]
+    # T >= 0, so a pair with (1 - lambda) Jaccard > max_value is out whatever its T
+    ov = _overlap(enc.v, 0, n, within=(1.0 - lambda_, max_value)).tocoo()
+    rows, cols, jac = ov.row, ov.col, 1.0 - ov.data
     t = _base(_pair_dots(x, rows, cols), base) / enc.max_distance[rows]
     final = np.maximum((1.0 - lambda_) * jac + lambda_ * t, 0.0)
     keep = final <= max_value
@@ -195,11 +194,14 @@ def _reciprocal(nn: np.ndarray) -> sp.csr_matrix:
     return a.multiply(a.T).tocsr()
 
 
-def _overlap(v: sp.csr_matrix, start: int, stop: int, min_col: int = 0) -> sp.csr_matrix:
+def _overlap(
+    v: sp.csr_matrix, start: int, stop: int, min_col: int = 0, within: tuple[float, float] | None = None
+) -> sp.csr_matrix:
     """Jaccard overlap ``m / (2 - m)``, ``m = sum_k min(V[i, k], V[j, k])``, for rows start..stop-1, columns >= min_col.
 
     Returns ``(stop - start, N)`` CSR. Rows are processed in blocks bounded by the memory budget: each nonzero
-    ``V[i, k]`` meets every row j with ``V[j, k] != 0`` through the column index of ``V``.
+    ``V[i, k]`` meets every row j with ``V[j, k] != 0`` through the column index of ``V``. With
+    ``within=(w, limit)`` only pairs with ``w * (1 - overlap) <= limit`` are kept, block by block.
     """
     n = v.shape[1]
     vc = v.tocsc()
@@ -230,9 +232,13 @@ def _overlap(v: sp.csr_matrix, start: int, stop: int, min_col: int = 0) -> sp.cs
         acc = np.bincount(ri * n + j, weights=contrib, minlength=(e - s) * n).reshape(e - s, n)
         bi, bj = np.nonzero(acc)
         m = acc[bi, bj]
+        ov = m / (2.0 - m)
+        if within is not None:
+            sel = within[0] * (1.0 - ov) <= within[1]
+            bi, bj, ov = bi[sel], bj[sel], ov[sel]
         out_rows.append(bi + (s - start))
         out_cols.append(bj)
-        out_vals.append(m / (2.0 - m))
+        out_vals.append(ov)
         s = e
     return _csr(np.concatenate(out_vals), np.concatenate(out_rows), np.concatenate(out_cols), (stop - start, n))
 
@@ -255,10 +261,13 @@ def _pair_dots(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
 
 def _csr(data: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
     """CSR from unique (row, col) pairs that keeps explicit zeros (scipy's arithmetic would drop them)."""
-    order = np.lexsort((cols, rows))
+    key = rows.astype(np.int64) * shape[1] + cols
+    if len(key) > 1 and not (key[1:] > key[:-1]).all():  # most callers pass row-major pairs already
+        order = np.argsort(key)
+        data, cols = data[order], cols[order]
     indptr = np.zeros(shape[0] + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
-    return sp.csr_matrix((data[order], cols[order], indptr), shape=shape)
+    return sp.csr_matrix((data, cols, indptr), shape=shape)
 
 
 def _prepare(features: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
