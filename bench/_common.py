@@ -1,0 +1,87 @@
+"""Helpers shared by the bench scripts: a timer, peak RSS, isolated worker runs and a plain-text table.
+
+Each measurement runs in its own Python process (``run_worker``), so its peak RSS is its own and not the
+high-water mark of whatever ran before it in the same process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process so far, in GB (10^9 bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024) / 1e9  # Linux reports KiB, macOS bytes
+
+
+class Timer:
+    """``with Timer() as t: ...`` then ``t.seconds`` (wall clock, perf_counter)."""
+
+    def __enter__(self) -> Timer:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._start
+
+
+def best_of(fn, repeats: int) -> tuple[float, object]:
+    """Smallest wall time of ``repeats`` calls of ``fn()`` and the last result (the machine may be shared)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        with Timer() as t:
+            out = fn()
+        best = min(best, t.seconds)
+    return best, out
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` threads in torch and faiss (OpenMP) for the measurement."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+
+
+def run_worker(script: str | Path, case: str, *args: str, timeout: float = 1800) -> dict:
+    """Run ``python script --worker case *args`` in a fresh process; return the JSON dict it prints last."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(script), "--worker", case, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench worker {case!r} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def emit(result: dict) -> None:
+    """Print a worker's result as the last line of stdout (read back by :func:`run_worker`)."""
+    result["peak_rss_gb"] = round(peak_rss_gb(), 3)
+    print(json.dumps(result), flush=True)
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A plain, aligned text table."""
+    cells = [[str(h) for h in header]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    print(f"\n{title}\n{line}")
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print(line)
+    print(line)
+
+
+def _fmt(x: object) -> str:
+    if isinstance(x, float):
+        return f"{x:.3f}" if abs(x) < 1000 else f"{x:.0f}"
+    return str(x)
