@@ -13,7 +13,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
 # The YAML tree lives at the repository root (the package is installed in editable mode).
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -226,6 +225,7 @@ class RootConfig:
     train: bool = True
     test: bool = True
     optimized_metric: str = "val/mAP_best"
+    skip_nonfinite_steps: int = 0
     allowed_targets: list[str] = field(
         default_factory=lambda: ["dgnetpp_pl", "torch", "torchvision", "pytorch_lightning"]
     )

@@ -45,6 +45,7 @@ class DGNetPP(pl.LightningModule):
         app_lr_ramp: float = 60.0,
         num_query: int = 0,
         skip_nonfinite_steps: int = 0,
+        image_size: tuple[int, int] = (256, 128),
     ) -> None:
         super().__init__()
         if stage not in ("source", "adapt"):
@@ -72,7 +73,9 @@ class DGNetPP(pl.LightningModule):
             mlp_dim=d["mlp_dim"],
         )  # fmt: skip
         if d["n_res"] != s["n_res"]:
-            raise ValueError("model.decoder.n_res must equal model.structure.n_res (one AdaIN block per code chunk)")
+            raise ValueError(
+                "model.decoder.n_res must equal model.structure.n_res (one AdaIN block per code chunk)"
+            )
         self.gen_a = Generator(**gen_kw)
         # The source stage (DG-Net) has a single generator; DG-Net++ has one per domain.
         self.gen_b = Generator(**gen_kw) if stage == "adapt" else None
@@ -117,9 +120,14 @@ class DGNetPP(pl.LightningModule):
         wd = o["weight_decay"]
 
         def adam(params, rate):
-            return torch.optim.Adam([p for p in params if p.requires_grad], lr=rate, betas=betas, weight_decay=wd)
+            return torch.optim.Adam(
+                [p for p in params if p.requires_grad], lr=rate, betas=betas, weight_decay=wd
+            )
 
-        opts = {"d_img": adam(self.d_img.parameters(), lr["lr_d"]), "gen_a": adam(self.gen_a.parameters(), lr["lr_g"])}
+        opts = {
+            "d_img": adam(self.d_img.parameters(), lr["lr_d"]),
+            "gen_a": adam(self.gen_a.parameters(), lr["lr_g"]),
+        }
         if self.stage == "adapt":
             opts["gen_b"] = adam(self.gen_b.parameters(), lr["lr_g"])
             opts["d_dom"] = adam(self.d_dom.parameters(), lr["lr_dom"])
@@ -199,7 +207,9 @@ class DGNetPP(pl.LightningModule):
         return torch.where(labels >= 0, labels + self.num_source_ids, torch.full_like(labels, -1))
 
     # ------------------------------------------------------------- training
-    def _pair_from_batch(self, batch: dict[str, dict[str, Tensor]]) -> tuple[objective.PairBatch, objective.StepFlags]:
+    def _pair_from_batch(
+        self, batch: dict[str, dict[str, Tensor]]
+    ) -> tuple[objective.PairBatch, objective.StepFlags]:
         w = self.cfg["loss"]
         if self.stage == "source":
             src = batch["source"]
@@ -229,60 +239,77 @@ class DGNetPP(pl.LightningModule):
         return pair, flags
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> None:
-        opts = self._named_optimizers()
-        scheds = self.lr_schedulers()
-        scheds = scheds if isinstance(scheds, list) else [scheds]
         w = self.cfg["loss"]
         pair, flags = self._pair_from_batch(batch)
-        gen_b = self.gen_b_or_a
         fwd = objective.forward_pair(
-            self.e_app, self.gen_a, gen_b, pair, flags,
+            self.e_app, self.gen_a, self.gen_b_or_a, pair, flags,
             erasing_p=w["erasing_p"], structure_detach_p=w["structure_detach_p"],
         )  # fmt: skip
+        d_losses = self.discriminator_step(fwd, pair, flags)
+        if d_losses is None:
+            return
+        g_losses = self.generator_step(fwd, pair, flags)
+        if g_losses is None:
+            return
+        scheds = self.lr_schedulers()
+        for sched in scheds if isinstance(scheds, list) else [scheds]:
+            sched.step()
+        self._log_step(fwd, pair, {**d_losses, **g_losses})
 
-        # Discriminator step on detached fakes (and detached appearance features for D_dom).
-        d_losses = objective.image_d_loss(self.d_img, fwd, pair, gan_w=w["gan"], r1_w=w["r1"])
-        d_total = d_losses["d_img_total"]
+    def discriminator_step(
+        self, fwd: objective.Forward, pair: objective.PairBatch, flags: objective.StepFlags
+    ) -> dict[str, Tensor] | None:
+        """D_img (and, in warm-up, D_dom) on detached fakes and features; returns the terms, None if skipped."""
+        w = self.cfg["loss"]
+        opts = self._named_optimizers()
+        losses = objective.image_d_loss(self.d_img, fwd, pair, gan_w=w["gan"], r1_w=w["r1"])
+        total = losses["d_img_total"]
+        d_opts = [opts["d_img"]]
         if flags.domain_adv:
-            d_losses["d_dom"] = objective.domain_d_loss(
+            losses["d_dom"] = objective.domain_d_loss(
                 self.d_dom, fwd, weight=w["domain_adv"], reduction=w["domain_reduction"]
             )
-            d_total = d_total + d_losses["d_dom"]
-        d_opts = [opts["d_img"]] + ([opts["d_dom"]] if flags.domain_adv else [])
-        g_opts = [opts["gen_a"], opts["e_app"]] + ([opts["gen_b"]] if self.gen_b is not None else [])
+            total = total + losses["d_dom"]
+            d_opts.append(opts["d_dom"])
         for opt in d_opts:
             opt.zero_grad(set_to_none=True)
-        if not self._check_finite(d_losses, "discriminator"):
-            return
-        self.manual_backward(d_total)
+        if not self._check_finite(losses, "discriminator"):
+            return None
+        self.manual_backward(total)
         for opt in d_opts:
             opt.step()
+        return losses
 
-        # Generator/encoder step on the same forward pass; the discriminators are frozen inside.
-        g_losses = objective.generator_losses(fwd, pair, flags, self.d_img, self.d_dom, w)
+    def generator_step(
+        self, fwd: objective.Forward, pair: objective.PairBatch, flags: objective.StepFlags
+    ) -> dict[str, Tensor] | None:
+        """E_app and both generators on the shared forward; the discriminators are frozen inside."""
+        opts = self._named_optimizers()
+        losses = objective.generator_losses(fwd, pair, flags, self.d_img, self.d_dom, self.cfg["loss"])
+        g_opts = [opts["gen_a"], opts["e_app"]] + ([opts["gen_b"]] if self.gen_b is not None else [])
         for opt in g_opts:
             opt.zero_grad(set_to_none=True)
-        if not self._check_finite(g_losses, "generator"):
-            return
-        self.manual_backward(g_losses["g_total"])
+        if not self._check_finite(losses, "generator"):
+            return None
+        self.manual_backward(losses["g_total"])
         clip = self.cfg["optim"].get("grad_clip")
         for opt in g_opts:
             if clip:
                 self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
             opt.step()
-        for sched in scheds:
-            sched.step()
+        return losses
 
+    def _log_step(self, fwd: objective.Forward, pair: objective.PairBatch, terms: dict[str, Tensor]) -> None:
         bsz = pair.x_a.shape[0]
-        logs = {f"train/{k}": v.detach() for k, v in {**d_losses, **g_losses}.items()}
+        logs = {f"train/{k}": v.detach() for k, v in terms.items() if k != "g_total"}
         logs["train/acc_source"] = objective.accuracy(fwd.tensors["id1_a"], pair.l_a)
         if "id1_b" in fwd.tensors:
             logs["train/acc_target"] = objective.accuracy(fwd.tensors["id1_b"], pair.l_b)
-        self.log_dict(logs, prog_bar=False, batch_size=bsz, sync_dist=False)
-        self.log("train/g_total", g_losses["g_total"].detach(), prog_bar=True, batch_size=bsz)
-        for name, opt in opts.items():
-            self.log(f"train/lr_{name}", opt.param_groups[0]["lr"], batch_size=bsz)
-        self.log("train/phase", float(PHASES.index(self.phase)), batch_size=bsz)
+        for name, opt in self._named_optimizers().items():
+            logs[f"train/lr_{name}"] = opt.param_groups[0]["lr"]
+        logs["train/phase"] = float(PHASES.index(self.phase))
+        self.log_dict(logs, batch_size=bsz)
+        self.log("train/g_total", terms["g_total"].detach(), prog_bar=True, batch_size=bsz)
 
     def _check_finite(self, terms: dict[str, Tensor], step: str) -> bool:
         bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
@@ -328,7 +355,9 @@ class DGNetPP(pl.LightningModule):
         self._val_outputs = []
         if self.trainer.world_size > 1:
             gathered = self.all_gather(local)
-            local = {k: v.reshape(-1, *v.shape[2:]) if v.dim() > 2 else v.reshape(-1) for k, v in gathered.items()}
+            local = {
+                k: v.reshape(-1, *v.shape[2:]) if v.dim() > 2 else v.reshape(-1) for k, v in gathered.items()
+            }
         order = torch.argsort(local["index"], stable=True)
         local = {k: v[order] for k, v in local.items()}
         keep = torch.ones_like(local["index"], dtype=torch.bool)
@@ -421,4 +450,3 @@ class DGNetPP(pl.LightningModule):
 def lr_of(module: DGNetPP, name: str) -> float:
     """Current learning rate of one optimiser (by name) for logging and tests."""
     return module._named_optimizers()[name].param_groups[0]["lr"]
-

@@ -83,7 +83,8 @@ def run_stage(cfg: DictConfig, stage: str, init_ckpt: str | None = None) -> dict
         warmup_epochs=cfg.adapt.warmup_epochs,
         app_lr_ramp=cfg.adapt.app_lr_ramp,
         num_query=dm.num_query,
-        skip_nonfinite_steps=cfg.get("skip_nonfinite_steps", 0),
+        skip_nonfinite_steps=cfg.skip_nonfinite_steps,
+        image_size=(cfg.data.height, cfg.data.width),
     )
     if stage == "adapt" and resume is None:
         state = load_checkpoint(init_ckpt)["state_dict"]
