@@ -370,7 +370,9 @@ class DGNetPP(pl.LightningModule):
         data = self._gather_eval()
         feats = data["feats"].float()
         check_finite(feats, f"{prefix} (epoch {self.current_epoch})")
-        nq = int(self.hparams.num_query)
+        loaders = self.trainer.val_dataloaders if prefix == "val" else self.trainer.test_dataloaders
+        dataset = getattr(loaders, "dataset", None)
+        nq = int(getattr(dataset, "num_query", self.hparams.num_query))
         if nq <= 0 or nq >= feats.shape[0]:
             raise ValueError(f"num_query={nq} is invalid for {feats.shape[0]} evaluation images")
         q, g = feats[:nq], feats[nq:]

@@ -21,6 +21,7 @@ Ties in the k-NN order are broken arbitrarily (as the textbook's unstable argsor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +33,8 @@ Base = Literal["sqeuclidean", "sqeuclidean_squared"]
 BASES = ("sqeuclidean", "sqeuclidean_squared")
 # Bytes for the largest temporary block (similarity rows, Jaccard accumulators, gathered feature rows).
 BLOCK_BYTES = 128 * 2**20
+# on_block(start, stop, similarity rows (B, N), their max base distance (B,)): a peek at each similarity block
+BlockHook = Callable[[int, int, np.ndarray, np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ def re_rank(
 
 
 # --------------------------------------------------------------------------------------------- encoding
-def _encode(x: np.ndarray, k1: int, k2: int, base: str, on_block=None) -> _Encoding:
+def _encode(x: np.ndarray, k1: int, k2: int, base: str, on_block: BlockHook | None = None) -> _Encoding:
     """Sparse k-reciprocal encoding ``V (N, N)`` of unit rows ``x (N, D)``, with local query expansion."""
     n = x.shape[0]
     nn, max_d = _neighbours(x, max(k1 + 1, k2), base, on_block)
@@ -168,7 +171,7 @@ def _encode(x: np.ndarray, k1: int, k2: int, base: str, on_block=None) -> _Encod
     return _Encoding(v, max_d)
 
 
-def _neighbours(x: np.ndarray, k: int, base: str, on_block=None) -> tuple[np.ndarray, np.ndarray]:
+def _neighbours(x: np.ndarray, k: int, base: str, on_block: BlockHook | None = None) -> tuple[np.ndarray, np.ndarray]:
     """k nearest rows ``(N, k)`` (self included, nearest first) and each row's largest base distance ``(N,)``.
 
     One pass over ``(B, N)`` blocks of ``x x^T``: a faiss search would need a second pass for the farthest point.

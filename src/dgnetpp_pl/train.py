@@ -43,12 +43,14 @@ def build_trainer(cfg: DictConfig, stage: str, callbacks: list, loggers: list, s
         if kw.get(key) is None:
             kw.pop(key, None)
     max_epochs = cfg.source.max_epochs if stage == "source" else cfg.adapt.max_epochs
+    if not kw.get("enable_progress_bar", True):
+        callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.ProgressBar)]
     return pl.Trainer(
         **kw,
         max_epochs=max_epochs,
         callbacks=callbacks,
         logger=loggers or False,
-        default_root_dir=str(stage_dir.parent),
+        default_root_dir=str(stage_dir.parent.parent),
         # Pseudo-labels change between epochs: rebuild the train loader so workers see them.
         reload_dataloaders_every_n_epochs=1,
         use_distributed_sampler=True,

@@ -87,7 +87,9 @@ class PseudoLabelCallback(pl.Callback):
 
     # ------------------------------------------------------------- the work
     @torch.no_grad()
-    def extract(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
+    def extract(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """All target train features ``(N, D)`` and ground-truth pids ``(N,)``, identical on every rank."""
         dm = trainer.datamodule
         loader = dm.target_train_feature_loader()
