@@ -68,34 +68,36 @@ def _kmeans_pp_seeds(x: np.ndarray, k: int, seed: int, max_dim: int = 64) -> np.
     rng = np.random.default_rng(seed)
     n, d = x.shape
     y = x if d <= max_dim else x @ (rng.standard_normal((d, max_dim)) / np.sqrt(max_dim)).astype(np.float32)
-    # float32 products (several times faster than float64 here, ample for seeding), C-ordered for BLAS
+    # float32 throughout (ample for seeding, half the memory traffic), C-ordered for BLAS
     y = np.ascontiguousarray(y, dtype=np.float32)
     y_t = np.ascontiguousarray(y.T)
-    sq = np.einsum("ij,ij->i", y, y, dtype=np.float64)
+    sq = np.einsum("ij,ij->i", y, y)
     trials = 2 + int(np.log(k))
 
     def dist_to(idx: np.ndarray) -> np.ndarray:  # (len(idx), N) squared distances
-        return np.maximum(sq[idx, None] - 2 * (y[idx] @ y_t).astype(np.float64) + sq[None, :], 0)
+        # einsum's own loop, not BLAS: tiny multithreaded GEMMs between Python steps stall on thread wake-ups
+        out = np.einsum("ij,jk->ik", y[idx], y_t)
+        out *= -2
+        out += sq[idx, None]
+        out += sq[None, :]
+        return np.maximum(out, 0, out=out)
 
     chosen = np.empty(k, dtype=np.int64)
-    taken = np.zeros(n, dtype=bool)
     chosen[0] = rng.integers(n)
-    taken[chosen[0]] = True
     d2 = dist_to(chosen[:1])[0]
+    d2[chosen[0]] = 0  # a seed never gets drawn again: only positive weights can be drawn
     for j in range(1, k):
-        weights = np.where(taken, 0.0, d2)
-        total = weights.sum()
-        if total > 0:
-            cand = np.searchsorted(np.cumsum(weights), rng.random(trials) * total, side="right")
-            cand = np.minimum(cand, n - 1)
-            cand = np.where(taken[cand], int(np.argmax(weights)), cand)  # float edge: heaviest untaken point
-        else:  # every remaining point duplicates a seed: take any untaken one
-            cand = rng.choice(np.flatnonzero(~taken), size=1)
-        new = np.minimum(d2[None, :], dist_to(cand))
-        best = int(np.argmin(new.sum(axis=1)))
+        cum = np.cumsum(d2, dtype=np.float64)
+        if cum[-1] > 0:
+            cand = np.minimum(np.searchsorted(cum, rng.random(trials) * cum[-1], side="right"), n - 1)
+        else:  # every remaining point duplicates a seed: take any other one
+            cand = rng.choice(np.setdiff1d(np.arange(n), chosen[:j]), size=1)
+        new = dist_to(cand)
+        np.minimum(new, d2[None, :], out=new)
+        best = int(np.argmin(new.sum(axis=1, dtype=np.float64)))
         chosen[j] = cand[best]
-        taken[cand[best]] = True
         d2 = new[best]
+        d2[chosen[j]] = 0
     return chosen
 
 
