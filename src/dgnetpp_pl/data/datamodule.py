@@ -462,11 +462,12 @@ class CrossDomainDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------------------------- loaders
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        # No persistent workers: loaders are rebuilt every epoch (train.py reloads them), and with
+        # persistent workers every old loader would keep its processes alive until collected.
         return DataLoader(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             **kwargs,
         )
