@@ -1,0 +1,209 @@
+"""The optimised iteration (objective.*) equals the official-structured one (bench/reference_step.py).
+
+Both paths see the same networks, batch and weights; every loss term and the gradients of every trained
+network must agree in each phase (source stage, adapt warm-up, adapt self-training) and in both structure
+re-encoding branches. Three sources of intended randomness or grouping are pinned so that the comparison is
+exact:
+
+- BatchNorm runs on running statistics (eval mode). The optimised path batches several image groups through
+  one appearance-encoder call and both fakes through one frozen re-encoding, while the official structure
+  calls the encoder per group, so batch statistics differ by design (BN grouping is a documented config
+  choice).
+- Dropout is off (eval mode): its masks are random and drawn in a different order by the two paths.
+- Random erasing is replaced by a fixed per-sample rectangle (its position depends on the sample itself, so
+  the result does not depend on how the samples are grouped), and the structure re-encoding coin is forced
+  to one branch with ``structure_detach_p`` 0.0 or 1.0.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from dgnetpp_pl import objective
+from dgnetpp_pl.config import CONF_DIR
+from dgnetpp_pl.module import DGNetPP
+
+H, W, B = 128, 64, 2  # ASPP (dilation 9 at 1/4 resolution) needs at least 80x40
+N_SRC, CAPACITY, N_CLUSTERS = 6, 5, 4  # masking active in self-training: 6 + 4 of 11 classes
+# (rtol, atol) of the losses and the gradient tolerance relative to each network's gradient scale. float32
+# rounding (mostly in the first convolutions, which sum over every pixel) reaches a few 1e-4 of the scale. In
+# float64 the gradients agree to ~1e-14; the loss values only to float32 rounding, because the GAN terms are
+# computed in float32 by design.
+TOLERANCES = {torch.float32: (1e-4, 1e-5, 2e-3), torch.float64: (1e-7, 1e-9, 1e-10)}
+CASES = [
+    pytest.param(phase, detach_p, torch.float32, id=f"{phase}-{branch}-fp32")
+    for phase in ("source", "warmup", "self_training")
+    for detach_p, branch in ((0.0, "frozen-encoder"), (1.0, "detached-fake"))
+] + [pytest.param("self_training", 0.0, torch.float64, id="self_training-frozen-encoder-fp64")]
+
+
+def _load_reference():
+    path = Path(__file__).resolve().parents[1] / "bench" / "reference_step.py"
+    spec = importlib.util.spec_from_file_location("reference_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("reference_step", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ref = _load_reference()
+
+
+@pytest.fixture(scope="module")
+def small_cfg() -> dict:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=dgnetpp_small"])
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def fixed_erase(x: Tensor, *args, **kwargs) -> Tensor:
+    """Zero a rectangle whose rows depend on the sample's own first pixel: ``(N, 3, H, W)`` in and out."""
+    h, w = x.shape[-2:]
+    top = torch.where(x[:, 0, 0, 0] > 0, h // 2, h // 8)  # (N,)
+    rows = torch.arange(h)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + h // 4)[:, None])  # (N, H)
+    in_cols = torch.zeros(w, dtype=torch.bool)
+    in_cols[w // 4 : 3 * w // 4] = True
+    mask = in_rows[:, :, None] & in_cols[None, None, :]  # (N, H, W)
+    return x.masked_fill(mask[:, None], 0.0)
+
+
+def _images(n: int, g: torch.Generator, dtype: torch.dtype) -> Tensor:
+    coarse = torch.randn(n, 3, H // 8, W // 8, generator=g)
+    return nn.functional.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False).to(dtype)
+
+
+def _batch(stage: str, g: torch.Generator, dtype: torch.dtype) -> dict:
+    def half(n: int, num_labels: int) -> dict:
+        return {
+            "image": _images(n, g, dtype),
+            "pos": _images(n, g, dtype),
+            "label": torch.randint(num_labels, (n,), generator=g),
+        }
+
+    if stage == "source":
+        return {"source": half(2 * B, N_SRC)}
+    return {"source": half(B, N_SRC), "target": half(B, N_CLUSTERS)}
+
+
+def _build(cfg: dict, phase: str, dtype: torch.dtype) -> DGNetPP:
+    torch.manual_seed(0)
+    module = DGNetPP(
+        model=cfg, stage="source" if phase == "source" else "adapt", num_source_ids=N_SRC,
+        target_capacity=CAPACITY, warmup_epochs=1 if phase == "warmup" else 0, image_size=(H, W),
+    )  # fmt: skip
+    if phase == "self_training":
+        module.set_target_classes(N_CLUSTERS)
+    module.to(dtype).train()
+    for m in module.modules():
+        if isinstance(m, nn.Dropout | nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return module
+
+
+Grads = dict[str, Tensor | None]
+
+
+def _grads(modules: dict[str, nn.Module | None]) -> Grads:
+    out = {}
+    for name, mod in modules.items():
+        for key, p in mod.named_parameters() if mod is not None else []:
+            out[f"{name}.{key}"] = None if p.grad is None else p.grad.detach().clone()
+    return out
+
+
+def _backward(module: nn.Module, loss: Tensor, trained: dict[str, nn.Module | None]) -> Grads:
+    module.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    return _grads(trained)
+
+
+def _assert_grads_equal(ours: Grads, theirs: Grads, tol: float) -> None:
+    assert ours.keys() == theirs.keys()
+    with_grad = [k for k, g in ours.items() if g is not None]
+    assert with_grad, "no parameter received a gradient"
+    for net in {k.split(".")[0] for k in with_grad}:
+        # Errors are measured against the network's gradient scale: conv biases before InstanceNorm have a
+        # true gradient of 0, so their own scale is pure rounding noise.
+        own = [k for k in with_grad if k.startswith(f"{net}.") and theirs[k] is not None]
+        scale = max((float(theirs[k].abs().max()) for k in own), default=0.0)
+        for key in (k for k in ours if k.startswith(f"{net}.")):
+            g, r = ours[key], theirs[key]
+            assert (g is None) == (r is None), f"{key}: gradient present in one path only"
+            if g is not None:
+                err = float((g - r).abs().max())
+                assert err <= tol * scale, f"{key}: gradients differ by {err:.3g} (network scale {scale:.3g})"
+
+
+EXPECTED_TERMS = {
+    "source": {"id_t1", "id_t2"},
+    "warmup": {"domain_adv"},
+    "self_training": {"id_t1", "id_t2"},
+}
+ABSENT_TERMS = {
+    "source": {"domain_adv"},
+    "warmup": {"id_t1", "id_t2"},
+    "self_training": {"domain_adv"},
+}
+
+
+@pytest.mark.parametrize(("phase", "detach_p", "dtype"), CASES)
+def test_optimised_iteration_equals_reference(
+    small_cfg: dict, phase: str, detach_p: float, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every D and G loss term and the gradients of D_img, D_dom, G_a, G_b and E_app agree."""
+    rtol, atol, grad_tol = TOLERANCES[dtype]
+    cfg = copy.deepcopy(small_cfg)
+    cfg["loss"]["structure_detach_p"] = detach_p
+    w = cfg["loss"]
+    module = _build(cfg, phase, dtype)
+    pair, flags = module._pair_from_batch(_batch(module.stage, torch.Generator().manual_seed(1), dtype))
+    monkeypatch.setattr(objective, "random_erasing", fixed_erase)
+
+    fwd = objective.forward_pair(
+        module.e_app, module.gen_a, module.gen_b_or_a, pair, flags,
+        erasing_p=w["erasing_p"], structure_detach_p=detach_p,
+    )  # fmt: skip
+    d_ours = objective.image_d_loss(module.d_img, fwd, pair, gan_w=w["gan"], r1_w=w["r1"])
+    if flags.domain_adv:
+        d_ours["d_dom"] = objective.domain_d_loss(
+            module.d_dom, fwd, weight=w["domain_adv"], reduction=w["domain_reduction"]
+        )
+    g_ours = objective.generator_losses(fwd, pair, flags, module.d_img, module.d_dom, w)
+    d_ref, g_ref = ref.reference_losses(
+        ref.Nets.from_module(module), pair, flags, w, erase=fixed_erase, structure_detached=detach_p >= 1.0
+    )
+
+    assert EXPECTED_TERMS[phase] <= g_ours.keys()
+    assert not ABSENT_TERMS[phase] & g_ours.keys()
+    assert ("d_dom" in d_ours) == (phase == "warmup")
+    for ours, theirs in ((d_ours, d_ref), (g_ours, g_ref)):
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            torch.testing.assert_close(
+                ours[key],
+                theirs[key],
+                rtol=rtol,
+                atol=atol,
+                check_dtype=False,
+                msg=lambda m, k=key: f"{phase} {k}: {m}",
+            )
+
+    d_nets = {"d_img": module.d_img, "d_dom": module.d_dom}
+    d_total_ours = d_ours["d_img_total"] + d_ours.get("d_dom", 0.0)
+    d_total_ref = d_ref["d_img_total"] + d_ref.get("d_dom", 0.0)
+    d_grads = _backward(module, d_total_ours, d_nets)
+    _assert_grads_equal(d_grads, _backward(module, d_total_ref, d_nets), grad_tol)
+
+    g_nets = {"gen_a": module.gen_a, "gen_b": module.gen_b, "e_app": module.e_app}
+    g_grads = _backward(module, g_ours["g_total"], g_nets)
+    _assert_grads_equal(g_grads, _backward(module, g_ref["g_total"], g_nets), grad_tol)
