@@ -145,3 +145,16 @@ def test_dbscan_on_sparse_graph_equals_dbscan_on_dense_textbook_matrix():
     # same partition (numbering may differ)
     pairs = set(zip(ours.tolist(), dense.tolist(), strict=True))
     assert len(pairs) == len(set(ours.tolist())) == len(set(dense.tolist()))
+
+
+def test_tiny_memory_blocks_give_the_same_values(monkeypatch):
+    # Blocks of 50 x 50 similarities, a few rows per Jaccard block: every blocked code path runs many times.
+    from dgnetpp_pl import reranking
+
+    x, _ = blobs(10, spread=0.5)
+    nq = 70
+    ref_jac, _ = textbook(x, len(x))
+    monkeypatch.setattr(reranking, "BLOCK_BYTES", 4 * 50 * 50)
+    np.testing.assert_allclose(jaccard_distance(x).toarray(), ref_jac, atol=1e-5)
+    _, ref_final = textbook(x, nq)
+    np.testing.assert_allclose(re_rank(x[:nq], x[nq:]), ref_final[:, nq:], atol=1e-5)

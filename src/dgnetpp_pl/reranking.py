@@ -33,8 +33,9 @@ Base = Literal["sqeuclidean", "sqeuclidean_squared"]
 BASES = ("sqeuclidean", "sqeuclidean_squared")
 # Bytes for the largest temporary block (similarity rows, Jaccard accumulators, gathered feature rows).
 BLOCK_BYTES = 128 * 2**20
-# on_block(start, stop, similarity rows (B, N), their max base distance (B,)): a peek at each similarity block
-BlockHook = Callable[[int, int, np.ndarray, np.ndarray], None]
+# on_block(row start, row stop, column start, column stop, similarity block): a peek at each block of x x^T
+# (blocks cover the upper triangle; an off-diagonal block also stands, transposed, for its mirror image)
+BlockHook = Callable[[int, int, int, int, np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -127,12 +128,19 @@ def re_rank(
     _check_k(x.shape[0], k1, k2, base)
     out = np.empty((nq, g.shape[0]), dtype=np.float32)
 
-    def keep_query_rows(s: int, e: int, sim: np.ndarray, max_d: np.ndarray) -> None:
-        if s < nq:
-            e = min(e, nq)
-            out[s:e] = _base(sim[: e - s, nq:], base) / max_d[: e - s, None]
+    def fill(r0: int, r1: int, c0: int, c1: int, block: np.ndarray) -> None:
+        """Copy the query-row x gallery-column part of a block (rows r0..r1-1, columns c0..c1-1)."""
+        r_end, c_start = min(r1, nq), max(c0, nq)
+        if r0 < r_end and c_start < c1:
+            out[r0:r_end, c_start - nq : c1 - nq] = _base(block[: r_end - r0, c_start - c0 :], base)
+
+    def keep_query_rows(s: int, e: int, t: int, f: int, sim: np.ndarray) -> None:
+        fill(s, e, t, f, sim)
+        if t != s:
+            fill(t, f, s, e, sim.T)
 
     enc = _encode(x, k1, k2, base, on_block=keep_query_rows)
+    out /= enc.max_distance[:nq, None]  # T = d / max_k d[k, i]
     out *= lambda_
     out += 1.0 - lambda_
     ov = _overlap(enc.v, 0, nq, min_col=nq).tocoo()
@@ -174,20 +182,37 @@ def _encode(x: np.ndarray, k1: int, k2: int, base: str, on_block: BlockHook | No
 def _neighbours(x: np.ndarray, k: int, base: str, on_block: BlockHook | None = None) -> tuple[np.ndarray, np.ndarray]:
     """k nearest rows ``(N, k)`` (self included, nearest first) and each row's largest base distance ``(N,)``.
 
-    One pass over ``(B, N)`` blocks of ``x x^T``: a faiss search would need a second pass for the farthest point.
+    One pass over the upper-triangular ``(B, B)`` blocks of ``x x^T``; each block serves its rows and, transposed,
+    its columns, merged into a running top-k and minimum per row. (A faiss search would need a second pass for the
+    farthest point, and twice the products.)
     """
     n = x.shape[0]
-    nn = np.empty((n, k), dtype=np.int64)
-    max_d = np.empty(n, dtype=np.float64)
-    step = max(1, BLOCK_BYTES // (4 * n))
-    for s in range(0, n, step):
-        e = min(s + step, n)
-        sim = x[s:e] @ x.T
-        nn[s:e] = torch.topk(torch.from_numpy(sim), k, dim=1, sorted=True).indices.numpy()
-        max_d[s:e] = _base(sim.min(axis=1).astype(np.float64), base)
-        if on_block is not None:
-            on_block(s, e, sim, max_d[s:e])
-    return nn, max_d
+    step = max(1, int(np.sqrt(BLOCK_BYTES / 4)))  # square float32 blocks within the budget
+    bounds = [(s, min(s + step, n)) for s in range(0, n, step)]
+    top_v = torch.full((n, k), -torch.inf)
+    top_i = torch.zeros((n, k), dtype=torch.int64)
+    min_sim = np.full(n, np.inf)
+    for a, (s, e) in enumerate(bounds):
+        for t, f in bounds[a:]:
+            sim = x[s:e] @ x[t:f].T
+            blk = torch.from_numpy(sim)
+            v, i = torch.topk(blk, min(k, f - t), dim=1)
+            _merge_top_k(top_v, top_i, s, e, v, i + t)
+            np.minimum(min_sim[s:e], sim.min(axis=1), out=min_sim[s:e])
+            if t != s:  # the mirror block: columns of this one (top-k along dim 0 avoids a transposed copy)
+                v, i = torch.topk(blk, min(k, e - s), dim=0)
+                _merge_top_k(top_v, top_i, t, f, v.T, i.T + s)
+                np.minimum(min_sim[t:f], sim.min(axis=0), out=min_sim[t:f])
+            if on_block is not None:
+                on_block(s, e, t, f, sim)
+    return top_i.numpy(), _base(min_sim, base)
+
+
+def _merge_top_k(top_v: torch.Tensor, top_i: torch.Tensor, s: int, e: int, v: torch.Tensor, i: torch.Tensor) -> None:
+    """Merge candidates ``v`` / global indices ``i`` ``(e - s, c)`` into the running top-k of rows s..e-1."""
+    best_v, pos = torch.topk(torch.cat([top_v[s:e], v], dim=1), top_v.shape[1], dim=1, sorted=True)
+    top_v[s:e] = best_v
+    top_i[s:e] = torch.gather(torch.cat([top_i[s:e], i], dim=1), 1, pos)
 
 
 def _reciprocal(nn: np.ndarray) -> sp.csr_matrix:
