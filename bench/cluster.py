@@ -39,10 +39,8 @@ def make_clustered(n: int, num_ids: int, dim: int = DIM, stray: float = 0.05, se
         lab = labels[s : s + 4096]
         own = lab < 0
         noise = rng.standard_normal((len(lab), dim), dtype=np.float32)
-        x[s : s + 4096] = np.where(
-            own[:, None], noise, centres[np.maximum(lab, 0)] + spread[np.maximum(lab, 0), None] * noise
-        )
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+        blk = np.where(own[:, None], noise, centres[np.maximum(lab, 0)] + spread[np.maximum(lab, 0), None] * noise)
+        x[s : s + 4096] = blk / np.linalg.norm(blk, axis=1, keepdims=True)
     return x, labels
 
 

@@ -64,8 +64,8 @@ def make_split(num_query: int, num_gallery: int, num_ids: int, num_cams: int, di
             own = p <= 0  # distractors and junk: a random centre each
             base = centres[np.where(own, 0, p)]
             base[own] = rng.standard_normal((int(own.sum()), dim), dtype=np.float32)
-            out[s : s + 8192] = base + cam_offsets[c] + 2.2 * rng.standard_normal((len(p), dim), dtype=np.float32)
-        out /= np.linalg.norm(out, axis=1, keepdims=True)
+            blk = base + cam_offsets[c] + 1.6 * rng.standard_normal((len(p), dim), dtype=np.float32)
+            out[s : s + 8192] = blk / np.linalg.norm(blk, axis=1, keepdims=True)
         return out
 
     return features(q_pids, q_cams), features(g_pids, g_cams), q_pids, g_pids, q_cams, g_cams
