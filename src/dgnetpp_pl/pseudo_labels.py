@@ -166,7 +166,7 @@ def cluster_stats(
 
 def normalized_mutual_info(a: np.ndarray, b: np.ndarray) -> float:
     """NMI ``2 I(a; b) / (H(a) + H(b))`` of two labellings ``(N,)``; negative labels are singletons."""
-    a, b = _labels(a, "a"), _labels(b, "b", len(a))
+    a, b = _pair_of_labellings(a, b)
     counts, ia, ib, rows, cols = _contingency(a, b)
     n = counts.sum()
     p, pa, pb = counts / n, rows / n, cols / n
@@ -179,7 +179,7 @@ def normalized_mutual_info(a: np.ndarray, b: np.ndarray) -> float:
 
 def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
     """Hubert-Arabie adjusted Rand index of two labellings ``(N,)``; negative labels are singletons."""
-    a, b = _labels(a, "a"), _labels(b, "b", len(a))
+    a, b = _pair_of_labellings(a, b)
     counts, _, _, rows, cols = _contingency(a, b)
     n = counts.sum()
 
@@ -232,6 +232,13 @@ def _relabel(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rank[order] = np.arange(len(order))
     out[keep] = rank[inverse]
     return out, uniq[order]
+
+
+def _pair_of_labellings(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _labels(a, "a"), _labels(b, "b", len(a))
+    if len(a) == 0:
+        raise ValueError("cannot compare two empty labellings")
+    return a, b
 
 
 def _singletons(x: np.ndarray) -> np.ndarray:
