@@ -41,7 +41,7 @@ def _metrics(dist: np.ndarray | torch.Tensor, q: dict, g: dict) -> dict[str, flo
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Features, metrics (and re-ranked metrics), optional rank-list picture; returns the metrics dict."""
-    data_cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.data)
+    data_cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.to_container(cfg.data, resolve=True))
     d = OmegaConf.to_container(data_cfg, resolve=True)
     synthetic = {k: v for k, v in (d.pop("synthetic") or {}).items() if v is not None}
     dm = CrossDomainDataModule(**d, synthetic=synthetic or None, seed=cfg.seed, stage="adapt")

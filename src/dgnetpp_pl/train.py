@@ -119,12 +119,23 @@ def run_stage(cfg: DictConfig, stage: str, init_ckpt: str | None = None) -> dict
     if cfg.test:
         tested = trainer.test(model, datamodule=dm, verbose=False)
         result.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
+    close_loggers(trainer)
     result["output_dir"] = str(out_dir)
     result["swap_grids"] = str(out_dir / "swap_grids")
     if trainer.is_global_zero:
         stage_dir.mkdir(parents=True, exist_ok=True)
         done_file.write_text(json.dumps(result, indent=2))
     return result
+
+
+def close_loggers(trainer: pl.Trainer) -> None:
+    """Finish each logger's run, so the next stage opens its own (W&B would otherwise reuse this one)."""
+    for logger in trainer.loggers:
+        logger.finalize("success")
+        if isinstance(logger, pl.loggers.WandbLogger):
+            import wandb
+
+            wandb.finish()
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
