@@ -66,7 +66,6 @@ class DataConfig:
 @dataclass
 class AppearanceConfig:
     arch: str = "resnet50"
-    pretrained: bool = False
     last_stride: int = 1
     bottleneck_dim: int = 512
     droprates: list[float] = field(default_factory=lambda: [0.5, 0.75])
@@ -153,6 +152,8 @@ class FeatureConfig:
 @dataclass
 class ModelConfig:
     name: str = "dgnetpp"
+    # torchvision's ImageNet weights for the appearance encoder (through the weights enum).
+    pretrained: bool = False
     appearance: AppearanceConfig = field(default_factory=AppearanceConfig)
     structure: StructureConfig = field(default_factory=StructureConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

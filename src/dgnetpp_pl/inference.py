@@ -18,7 +18,7 @@ def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> DGN
         raise CheckpointError(
             f"Checkpoint {ckpt_path} has no model hyper-parameters; it was not written by dgnetpp_pl."
         )
-    hp["model"] = {**hp["model"], "appearance": {**hp["model"]["appearance"], "pretrained": False}}
+    hp["model"] = {**hp["model"], "pretrained": False}  # the checkpoint holds the weights
     model = DGNetPP(**hp)
     try:
         model.load_state_dict(ckpt["state_dict"])

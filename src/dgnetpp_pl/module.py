@@ -60,7 +60,7 @@ class DGNetPP(pl.LightningModule):
         self.e_app = AppearanceEncoder(
             num_classes=num_source_ids + self.target_capacity,
             arch=a["arch"],
-            pretrained=a["pretrained"],
+            pretrained=model["pretrained"],
             last_stride=a["last_stride"],
             bottleneck_dim=a["bottleneck_dim"],
             droprates=tuple(a["droprates"]),
