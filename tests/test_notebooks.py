@@ -1,0 +1,130 @@
+"""The notebooks run in order on the tiny built-in data and show what they promise; git keeps them without outputs."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from dgnetpp_pl.train import STAGE_LABELS
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = ("01_quickstart.ipynb", "02_disentanglement.ipynb", "03_retrieval.ipynb")
+
+
+def tagged_outputs(nb: nbformat.NotebookNode, tag: str) -> list[dict]:
+    """Outputs of the one code cell tagged ``tag``."""
+    cells = [c for c in nb.cells if c.cell_type == "code" and tag in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"expected one cell tagged {tag!r}, found {len(cells)}"
+    return cells[0].outputs
+
+
+def has_png(outputs: list[dict]) -> bool:
+    return any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def stdout_of(outputs: list[dict]) -> str:
+    return "".join(o["text"] for o in outputs if o["output_type"] == "stream" and o["name"] == "stdout")
+
+
+def table_row(text: str, label: str) -> tuple[float, float]:
+    """The two percentages printed after ``label`` in a metrics table."""
+    match = re.search(rf"^{re.escape(label)}\s+([\d.]+)\s+([\d.]+)\s*$", text, flags=re.MULTILINE)
+    assert match, f"no row {label!r} in:\n{text}"
+    return float(match.group(1)), float(match.group(2))
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebook_has_no_outputs(name: str) -> None:
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and any(c.cell_type == "markdown" for c in nb.cells)
+    for cell in code:
+        assert cell.outputs == [] and cell.execution_count is None, f"{name} cell {cell.id} holds outputs"
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path):
+    """Run the three notebooks in order (01 on the tiny preset); returns the executed notebooks and the run dir."""
+    from ipykernel.kernelspec import write_kernel_spec
+    from jupyter_client.kernelspec import KernelSpecManager
+    from nbclient import NotebookClient
+
+    tmp = tmp_path_factory.mktemp("notebooks")
+    run_dir = tmp / "run"
+    # Pin the "python3" kernel to this interpreter, whatever kernel specs the machine holds elsewhere.
+    write_kernel_spec(tmp / "jupyter" / "kernels" / "python3")
+    overrides = ["debug=tiny", f"paths.data_dir={synthetic_data_dir}", f"paths.output_dir={run_dir}"]
+    env = {
+        "DGNETPP_NOTEBOOK_OVERRIDES": shlex.join(overrides),
+        "DGNETPP_NOTEBOOK_STATE": str(tmp / "state.json"),
+        "WANDB_MODE": "offline",
+        "JUPYTER_PATH": str(tmp / "jupyter"),
+    }
+    notebooks = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        # MPLBACKEND=Agg would hide the figures; the checkpoints must come from the state file.
+        for key in ("MPLBACKEND", "DGNETPP_CKPT", "DGNETPP_CKPT_SOURCE"):
+            mp.delenv(key, raising=False)
+        assert KernelSpecManager().get_kernel_spec("python3").argv[0] == sys.executable
+        for name in NOTEBOOKS:
+            nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+            client = NotebookClient(
+                nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK_DIR)}}
+            )
+            client.execute()  # raises CellExecutionError, with the traceback, on the first failing cell
+            notebooks[name] = nb
+    return notebooks, Path(env["DGNETPP_NOTEBOOK_STATE"]), run_dir
+
+
+@pytest.mark.slow
+def test_quickstart_shows_curves_swap_grid_and_metrics_and_hands_over_checkpoints(executed) -> None:
+    notebooks, state_file, run_dir = executed
+    nb = notebooks["01_quickstart.ipynb"]
+    assert has_png(tagged_outputs(nb, "loss-curves"))
+    assert has_png(tagged_outputs(nb, "swap-grid"))
+    table = stdout_of(tagged_outputs(nb, "metrics-table"))
+    assert "target mAP" in table and "target Rank-1" in table
+    results = json.loads((run_dir / "metrics.json").read_text())
+    for stage, label in STAGE_LABELS.items():
+        m_ap, rank1 = table_row(table, label)
+        assert m_ap == pytest.approx(100 * results[stage]["test/mAP"], abs=0.051)
+        assert rank1 == pytest.approx(100 * results[stage]["test/Rank-1"], abs=0.051)
+    state = json.loads(state_file.read_text())
+    assert state["adapt_ckpt"] == str((run_dir / "checkpoints" / "adapt" / "final.ckpt").resolve())
+    assert state["source_ckpt"] == str((run_dir / "checkpoints" / "source" / "final.ckpt").resolve())
+    assert Path(state["adapt_ckpt"]).is_file() and Path(state["source_ckpt"]).is_file()
+
+
+@pytest.mark.slow
+def test_disentanglement_shows_swap_grid_and_interpolation(executed) -> None:
+    notebooks, state_file, _ = executed
+    nb = notebooks["02_disentanglement.ipynb"]
+    assert has_png(tagged_outputs(nb, "swap-grid"))
+    assert has_png(tagged_outputs(nb, "interpolation"))
+    text = "".join(stdout_of(c.outputs) for c in nb.cells if c.cell_type == "code")
+    assert json.loads(state_file.read_text())["adapt_ckpt"] in text  # the model it loaded
+
+
+@pytest.mark.slow
+def test_retrieval_evaluates_both_checkpoints_and_plots_embedding(executed) -> None:
+    notebooks, _, run_dir = executed
+    nb = notebooks["03_retrieval.ipynb"]
+    assert has_png(tagged_outputs(nb, "rank-lists"))
+    assert has_png(tagged_outputs(nb, "embedding"))
+    # Its own evaluation of the two checkpoints reproduces the metrics of the training run.
+    text = "".join(stdout_of(c.outputs) for c in nb.cells if c.cell_type == "code")
+    results = json.loads((run_dir / "metrics.json").read_text())
+    for stage, label in (("source", "before (source only)"), ("adapt", "after (DG-Net++)")):
+        m_ap, rank1 = table_row(text, label)
+        assert m_ap == pytest.approx(100 * results[stage]["test/mAP"], abs=0.051)
+        assert rank1 == pytest.approx(100 * results[stage]["test/Rank-1"], abs=0.051)
