@@ -113,7 +113,7 @@ def trained_ckpt(tmp_path_factory, synthetic_data_dir) -> Path:
 def test_evaluate_cli_prints_table_writes_metrics_and_rank_list(tmp_path, trained_ckpt, synthetic_data_dir):
     cmd = [
         sys.executable, "-m", "dgnetpp_pl.evaluate", f"ckpt_path={trained_ckpt}", "data=synthetic",
-        "data.height=96", "data.width=48", "data.num_workers=0", "data.batch_size=4", "rerank=true", "vis=true",
+        "data.height=64", "data.width=32", "data.num_workers=0", "data.batch_size=4", "rerank=true", "vis=true",
         "data.synthetic.num_train_ids=12", "data.synthetic.num_test_ids=8",
         "+data.synthetic.images_per_id_per_cam=[1,2]", "+data.synthetic.num_distractors=4",
         "+data.synthetic.num_junk=2", f"paths.data_dir={synthetic_data_dir}", f"hydra.run.dir={tmp_path}",

@@ -78,6 +78,8 @@ class StructureConfig:
     dim: int = 16
     n_downsample: int = 2
     n_res: int = 4
+    # ASPP dilations; each must be smaller than the structure code's sides (H/4, W/4).
+    aspp_dilations: list[int] = field(default_factory=lambda: [3, 6, 9])
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dgnetpp_pl import objective
+from dgnetpp_pl.checkpoints import capture_rng_state, restore_rng_state
 from dgnetpp_pl.features import check_finite, embed_images
 from dgnetpp_pl.metrics import evaluate_ranking
 from dgnetpp_pl.models.appearance import AppearanceEncoder
@@ -70,7 +71,7 @@ class DGNetPP(pl.LightningModule):
         s, d = model["structure"], model["decoder"]
         gen_kw = dict(
             dim=s["dim"], n_downsample=s["n_downsample"], n_res=s["n_res"], code_dim=self.e_app.code_dim,
-            mlp_dim=d["mlp_dim"],
+            mlp_dim=d["mlp_dim"], aspp_dilations=tuple(s.get("aspp_dilations", (3, 6, 9))),
         )  # fmt: skip
         if d["n_res"] != s["n_res"]:
             raise ValueError(
@@ -414,6 +415,15 @@ class DGNetPP(pl.LightningModule):
     # ----------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dgnetpp"] = {"stage": self.stage, "phase": self.phase, "format": 1}
+        # Lightning does not save the global RNGs; random erasing and the structure-detach coin draw from them.
+        checkpoint["rng_states"] = capture_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Only when resuming a fit: loading weights for inference must not reseed the caller's RNGs. Every
+        # rank gets rank 0's states, which equal its own since all ranks draw the same amounts from one seed.
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fitting and "rng_states" in checkpoint:
+            restore_rng_state(checkpoint["rng_states"])
 
     def load_source_stage(self, state_dict: dict[str, Tensor], keep_source_classifier: bool = True) -> None:
         """Initialise the adapt stage from a source-stage state dict: both generators from the source
