@@ -1,12 +1,15 @@
-"""Checkpoint files: safe loading (``weights_only=True``) with clear errors, and resume-path resolution."""
+"""Checkpoint files: safe loading (``weights_only=True``) with clear errors, resume-path resolution, and the
+global RNG states that an exact resume needs."""
 
 from __future__ import annotations
 
 import pickle
+import random
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -44,3 +47,30 @@ def resolve_resume(ckpt_path: str | None, stage_dir: Path) -> str | None:
         return None
     load_checkpoint(path)  # fail early, naming the file, if it is corrupt
     return str(path)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The global RNG states of torch (CPU, and CUDA when present), numpy and Python's ``random``.
+
+    Only tensors, ints, floats and tuples, so the checkpoint still loads with ``weights_only=True``.
+    """
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos)}
+    numpy_state.update(has_gauss=int(has_gauss), gauss=float(gauss))
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set the global RNGs from :func:`capture_rng_state`'s output (CUDA only when the device count matches)."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    key = n["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
