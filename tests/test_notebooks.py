@@ -50,23 +50,48 @@ def test_committed_notebook_has_no_outputs(name: str) -> None:
         assert cell.outputs == [] and cell.execution_count is None, f"{name} cell {cell.id} holds outputs"
 
 
+def pinned_kernel(mp: pytest.MonkeyPatch, root: Path) -> None:
+    """Make the "python3" kernel this interpreter, whatever kernel specs the machine holds elsewhere."""
+    from ipykernel.kernelspec import write_kernel_spec
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    write_kernel_spec(root / "kernels" / "python3")
+    mp.setenv("JUPYTER_PATH", str(root))
+    assert KernelSpecManager().get_kernel_spec("python3").argv[0] == sys.executable
+
+
+def run_notebook(name: str) -> nbformat.NotebookNode:
+    """Execute one notebook from the notebooks folder; raises CellExecutionError (with the traceback) on failure."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK_DIR)}}
+    ).execute()
+    return nb
+
+
+def test_disentanglement_without_a_checkpoint_says_what_to_do(tmp_path: Path) -> None:
+    from nbclient.exceptions import CellExecutionError
+
+    with pytest.MonkeyPatch.context() as mp:
+        pinned_kernel(mp, tmp_path / "jupyter")
+        mp.setenv("DGNETPP_NOTEBOOK_STATE", str(tmp_path / "missing.json"))
+        mp.delenv("DGNETPP_CKPT", raising=False)
+        with pytest.raises(CellExecutionError, match=r"No checkpoint: set DGNETPP_CKPT=.*01_quickstart"):
+            run_notebook("02_disentanglement.ipynb")
+
+
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path):
     """Run the three notebooks in order (01 on the tiny preset); returns the executed notebooks and the run dir."""
-    from ipykernel.kernelspec import write_kernel_spec
-    from jupyter_client.kernelspec import KernelSpecManager
-    from nbclient import NotebookClient
-
     tmp = tmp_path_factory.mktemp("notebooks")
     run_dir = tmp / "run"
-    # Pin the "python3" kernel to this interpreter, whatever kernel specs the machine holds elsewhere.
-    write_kernel_spec(tmp / "jupyter" / "kernels" / "python3")
     overrides = ["debug=tiny", f"paths.data_dir={synthetic_data_dir}", f"paths.output_dir={run_dir}"]
     env = {
         "DGNETPP_NOTEBOOK_OVERRIDES": shlex.join(overrides),
         "DGNETPP_NOTEBOOK_STATE": str(tmp / "state.json"),
         "WANDB_MODE": "offline",
-        "JUPYTER_PATH": str(tmp / "jupyter"),
     }
     notebooks = {}
     with pytest.MonkeyPatch.context() as mp:
@@ -75,14 +100,9 @@ def executed(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path)
         # MPLBACKEND=Agg would hide the figures; the checkpoints must come from the state file.
         for key in ("MPLBACKEND", "DGNETPP_CKPT", "DGNETPP_CKPT_SOURCE"):
             mp.delenv(key, raising=False)
-        assert KernelSpecManager().get_kernel_spec("python3").argv[0] == sys.executable
+        pinned_kernel(mp, tmp / "jupyter")
         for name in NOTEBOOKS:
-            nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
-            client = NotebookClient(
-                nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK_DIR)}}
-            )
-            client.execute()  # raises CellExecutionError, with the traceback, on the first failing cell
-            notebooks[name] = nb
+            notebooks[name] = run_notebook(name)
     return notebooks, Path(env["DGNETPP_NOTEBOOK_STATE"]), run_dir
 
 
