@@ -349,6 +349,19 @@ class DGNetPP(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_outputs = []
+        self.sync_buffers_from_rank_zero()
+
+    def sync_buffers_from_rank_zero(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics) before evaluation-mode features.
+
+        Under DDP each rank's BatchNorm tracks its own batches, but only rank 0's weights are saved: without this,
+        metrics and pseudo-labels would mix features of slightly different models. Collective: call on all ranks.
+        """
+        if self._trainer is None or self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return
+        for buf in self.buffers():
+            if buf.dtype != torch.bool:  # bool buffers (flags) agree already; not every backend sends bool
+                torch.distributed.broadcast(buf, src=0)
 
     def _gather_eval(self) -> dict[str, Tensor]:
         """Concatenate this rank's outputs, all-gather, and drop the distributed sampler's padded duplicates."""
@@ -405,6 +418,7 @@ class DGNetPP(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._val_outputs = []
+        self.sync_buffers_from_rank_zero()
 
     def on_test_epoch_end(self) -> None:
         out = self._evaluate("test")
@@ -415,10 +429,15 @@ class DGNetPP(pl.LightningModule):
     # ----------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dgnetpp"] = {"stage": self.stage, "phase": self.phase, "format": 1}
+        # The last validation's metrics, so a run resumed after its last epoch still reports them.
+        checkpoint["dgnetpp"]["val_metrics"] = {
+            k: v for k, v in getattr(self, "last_eval", {}).items() if k.startswith("val/")
+        }
         # Lightning does not save the global RNGs; random erasing and the structure-detach coin draw from them.
         checkpoint["rng_states"] = capture_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.last_eval = dict(checkpoint.get("dgnetpp", {}).get("val_metrics", {}))
         # Only when resuming a fit: loading weights for inference must not reseed the caller's RNGs. Every
         # rank gets rank 0's states, which equal its own since all ranks draw the same amounts from one seed.
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"

@@ -21,6 +21,7 @@ from dgnetpp_pl.data.datamodule import CrossDomainDataModule
 from dgnetpp_pl.instantiate import instantiate_group
 from dgnetpp_pl.module import DGNetPP
 from dgnetpp_pl.report import print_summary, write_sweep_summary
+from dgnetpp_pl.signals import CheckpointOnSigterm
 
 STAGE_LABELS = {"source": "direct transfer (source-only)", "adapt": "DG-Net++ adapted"}
 
@@ -104,22 +105,30 @@ def run_stage(cfg: DictConfig, stage: str, init_ckpt: str | None = None) -> dict
                 **plc, warmup_epochs=cfg.adapt.warmup_epochs, seed=cfg.seed, alpha=cfg.model.features.alpha
             )
         )
+    sigterm = CheckpointOnSigterm(stage_dir)
+    callbacks.append(sigterm)
     loggers = instantiate_group(cfg.logger, allowed, "logger")
     trainer = build_trainer(cfg, stage, callbacks, loggers, stage_dir)
     for logger in trainer.loggers:
         logger.log_hyperparams({"stage": stage, **OmegaConf.to_container(cfg, resolve=True)})
 
     result: dict[str, Any] = {"stage": stage}
-    if cfg.train:
-        trainer.fit(model, datamodule=dm, ckpt_path=resume, weights_only=True)
-        result.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
     final = stage_dir / "final.ckpt"
-    trainer.save_checkpoint(final)
-    result["ckpt"] = str(final)
-    if cfg.test:
-        tested = trainer.test(model, datamodule=dm, verbose=False)
-        result.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
+    with sigterm.installed():
+        if cfg.train:
+            trainer.fit(model, datamodule=dm, ckpt_path=resume, weights_only=True)
+            val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            # A run resumed after its last epoch validates nothing: report the restored metrics.
+            result.update(val or getattr(model, "last_eval", {}))
+        if not sigterm.requested:
+            trainer.save_checkpoint(final)
+        if cfg.test and not sigterm.requested:
+            tested = trainer.test(model, datamodule=dm, verbose=False)
+            result.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
     close_loggers(trainer)
+    if sigterm.requested:  # the stage is unfinished: no final.ckpt / result.json, so ckpt_path=last resumes it
+        sigterm.exit()
+    result["ckpt"] = str(final)
     result["output_dir"] = str(out_dir)
     result["swap_grids"] = str(out_dir / "swap_grids")
     if trainer.is_global_zero:

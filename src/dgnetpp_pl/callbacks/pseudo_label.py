@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import zlib
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,8 @@ class PseudoLabelCallback(pl.Callback):
         self.alpha = alpha
         self.last_refresh_epoch = -1
         self.history: list[dict[str, float]] = []
+        # Per refresh, the CRC32 of the labels each rank trains on (all equal; audited, and checked under DDP).
+        self.rank_digests: list[list[int]] = []
 
     def is_due(self, epoch: int) -> bool:
         """Whether labels must be (re)computed before ``epoch`` trains."""
@@ -67,9 +70,11 @@ class PseudoLabelCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if getattr(pl_module, "stage", "adapt") != "adapt":
             return
-        # A restored state means the checkpoint already holds this round's labels.
-        if self.last_refresh_epoch < 0 and self.is_due(trainer.current_epoch):
-            self.refresh(trainer, pl_module, trainer.current_epoch)
+        # A checkpoint written at the end of epoch e - 1 already holds epoch e's labels when they were due; one
+        # from a run with a smaller max_epochs does not (the last epoch skips the refresh), so compute them now.
+        epoch = trainer.current_epoch
+        if self.is_due(epoch) and self.last_refresh_epoch < epoch:
+            self.refresh(trainer, pl_module, epoch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if getattr(pl_module, "stage", "adapt") != "adapt":
@@ -79,17 +84,20 @@ class PseudoLabelCallback(pl.Callback):
             self.refresh(trainer, pl_module, nxt)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_refresh_epoch": self.last_refresh_epoch, "history": list(self.history)}
+        return {
+            "last_refresh_epoch": self.last_refresh_epoch,
+            "history": list(self.history),
+            "rank_digests": [list(d) for d in self.rank_digests],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_refresh_epoch = int(state_dict.get("last_refresh_epoch", -1))
         self.history = list(state_dict.get("history", []))
+        self.rank_digests = [list(d) for d in state_dict.get("rank_digests", [])]
 
     # ------------------------------------------------------------- the work
     @torch.no_grad()
-    def extract(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def extract(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
         """All target train features ``(N, D)`` and ground-truth pids ``(N,)``, identical on every rank."""
         dm = trainer.datamodule
         loader = dm.target_train_feature_loader()
@@ -102,6 +110,8 @@ class PseudoLabelCallback(pl.Callback):
                 num_workers=loader.num_workers,
                 collate_fn=loader.collate_fn,
             )
+        if world > 1:
+            pl_module.sync_buffers_from_rank_zero()  # every shard embedded with rank 0's BatchNorm statistics
         e_app = pl_module.e_app
         was_training = e_app.training
         e_app.eval()
@@ -126,16 +136,29 @@ class PseudoLabelCallback(pl.Callback):
     def cluster(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Labels ``(N,)`` (-1: outlier) and, where it applies, centroids ``(C, D)``."""
         if self.method == "kmeans":
-            labels, _ = kmeans_pseudo_labels(
-                feats, self.k, seed=self.seed, niter=self.niter, return_centroids=True
-            )
+            labels, _ = kmeans_pseudo_labels(feats, self.k, seed=self.seed, niter=self.niter, return_centroids=True)
         else:
-            labels = dbscan_pseudo_labels(
-                feats, eps=self.eps, min_samples=self.min_samples, k1=self.k1, k2=self.k2
-            )
+            labels = dbscan_pseudo_labels(feats, eps=self.eps, min_samples=self.min_samples, k1=self.k1, k2=self.k2)
         num = int(labels.max()) + 1 if (labels >= 0).any() else 0
         centroids = cluster_centroids(feats, labels, num) if num > 0 else None
         return labels.astype(np.int64), centroids
+
+    @staticmethod
+    def check_ranks_agree(
+        trainer: pl.Trainer, pl_module: pl.LightningModule, labels: np.ndarray, for_epoch: int
+    ) -> list[int]:
+        """CRC32 of ``labels`` ``(N,)`` on every rank (rank order); raises if any rank holds other labels."""
+        digest = zlib.crc32(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+        if trainer.world_size == 1:
+            return [digest]
+        gathered = pl_module.all_gather(torch.tensor(digest, dtype=torch.long, device=pl_module.device))
+        digests = [int(d) for d in gathered.reshape(-1).cpu()]
+        if len(set(digests)) > 1:
+            raise RuntimeError(
+                f"Pseudo-labels for epoch {for_epoch} differ across ranks (CRC32 per rank: {digests}); the "
+                "broadcast from rank 0 failed. Check the process group (trainer.strategy) and rerun."
+            )
+        return digests
 
     def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule, for_epoch: int) -> None:
         dm = trainer.datamodule
@@ -172,6 +195,7 @@ class PseudoLabelCallback(pl.Callback):
             init = centroids[:, :emb_dim]  # the primary head's half of [g1 | sqrt(a) g2]
         pl_module.set_target_classes(num, init)
         self.last_refresh_epoch = for_epoch
+        self.rank_digests.append(self.check_ranks_agree(trainer, pl_module, dm.target_labels, for_epoch))
         stats = cluster_stats(labels.numpy(), previous=previous, truth=truth.numpy())
         stats = {k: float(v) for k, v in stats.items() if np.isscalar(v) and v is not None}
         stats["time_s"] = elapsed
