@@ -93,7 +93,7 @@ def test_target_domain_is_blurrier_and_more_colour_cast_than_the_source() -> Non
         means = images.mean(axis=(1, 2, 3))  # (cams, 3)
         return float((means - means.mean(axis=1, keepdims=True)).std(axis=0).mean())
 
-    assert sharpness(target) < 0.7 * sharpness(source)
+    assert sharpness(target) < 0.8 * sharpness(source)
     assert camera_spread(target) > 1.5 * camera_spread(source)
 
 
