@@ -110,9 +110,7 @@ def test_paper_image_discriminator_shapes_and_params(paper_batch):
     dis = MultiScaleImageDiscriminator()
     outs = dis(paper_batch)
     assert [tuple(o.shape) for o in outs] == [(2, 1, 64, 32), (2, 1, 32, 16), (2, 1, 16, 8)]
-    per_scale = (
-        conv(1, 3, 32) + 3 * conv(3, 32, 32) + conv(3, 32, 64) + 4 * 2 * conv(3, 64, 64) + conv(1, 64, 1)
-    )
+    per_scale = conv(1, 3, 32) + 3 * conv(3, 32, 32) + conv(3, 32, 64) + 4 * 2 * conv(3, 64, 64) + conv(1, 64, 1)
     assert n_params(dis) == 3 * per_scale
 
 
@@ -129,9 +127,7 @@ def test_domain_discriminator_shape_and_params():
     out = dis(torch.randn(4, 2048))
     assert out.shape == (4,)
     bn = 2
-    expected = (
-        lin(2048, 1024) + bn * 1024 + lin(1024, 512) + bn * 512 + lin(512, 256) + bn * 256 + lin(256, 1)
-    )
+    expected = lin(2048, 1024) + bn * 1024 + lin(1024, 512) + bn * 512 + lin(512, 256) + bn * 256 + lin(256, 1)
     assert n_params(dis) == expected
     with pytest.raises(ValueError, match="expects features"):
         dis(torch.randn(4, 2048, 1))

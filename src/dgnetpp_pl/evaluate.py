@@ -69,9 +69,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if name in results:
             m = results[name]
             label = "re-ranked" if name == "rerank" else "plain"
-            table.add_row(
-                label, *(f"{100 * m[k]:.1f}" for k in ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP"))
-            )
+            table.add_row(label, *(f"{100 * m[k]:.1f}" for k in ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")))
     Console().print(table)
     if cfg.vis:
         n = min(cfg.vis_queries, nq)
@@ -82,9 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         for logger in instantiate_group(cfg.logger, cfg.allowed_targets, "logger"):
             from dgnetpp_pl.callbacks.image_grid import log_image
 
-            log_image(
-                logger, "eval/rank_list", torch.from_numpy(np.asarray(image)).permute(2, 0, 1) / 255.0, 0
-            )
+            log_image(logger, "eval/rank_list", torch.from_numpy(np.asarray(image)).permute(2, 0, 1) / 255.0, 0)
             logger.log_metrics({f"eval/{k}": v for k, v in results["plain"].items()}, step=0)
             logger.finalize("success")
         print(f"rank list: {path}")

@@ -72,9 +72,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv))
     missing = {"ckpt_path", "images", "out"} - set(args)
     if missing:
-        raise SystemExit(
-            f"usage: python -m dgnetpp_pl.extract ckpt_path=FILE images=DIR out=FILE; missing {missing}"
-        )
+        raise SystemExit(f"usage: python -m dgnetpp_pl.extract ckpt_path=FILE images=DIR out=FILE; missing {missing}")
     files = list_images(args["images"])
     extractor = FeatureExtractor(args["ckpt_path"], device=args.get("device", "auto"))
     feats = extractor(files)

@@ -32,8 +32,7 @@ def id_loss(logits: Tensor, labels: Tensor, ignore_index: int = -1) -> Tensor:
     """
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(
-            f"id_loss: expected logits (B, N) and labels (B,), got {tuple(logits.shape)} and "
-            f"{tuple(labels.shape)}"
+            f"id_loss: expected logits (B, N) and labels (B,), got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
     per_sample = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
     count = (labels != ignore_index).sum().clamp(min=1)
@@ -126,11 +125,7 @@ def teacher_kl(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
     `student_logits (B, N)`; `teacher_probs (B, K)` with K <= N covers the first K (source) classes and is
     zero-padded to N, as in the official code.
     """
-    if (
-        student_logits.dim() != 2
-        or teacher_probs.dim() != 2
-        or teacher_probs.shape[0] != student_logits.shape[0]
-    ):
+    if student_logits.dim() != 2 or teacher_probs.dim() != 2 or teacher_probs.shape[0] != student_logits.shape[0]:
         raise ValueError(
             f"teacher_kl: expected (B, N) logits and (B, K) probabilities, got {tuple(student_logits.shape)} "
             f"and {tuple(teacher_probs.shape)}"

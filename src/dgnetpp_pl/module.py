@@ -74,9 +74,7 @@ class DGNetPP(pl.LightningModule):
             mlp_dim=d["mlp_dim"], aspp_dilations=tuple(s.get("aspp_dilations", (3, 6, 9))),
         )  # fmt: skip
         if d["n_res"] != s["n_res"]:
-            raise ValueError(
-                "model.decoder.n_res must equal model.structure.n_res (one AdaIN block per code chunk)"
-            )
+            raise ValueError("model.decoder.n_res must equal model.structure.n_res (one AdaIN block per code chunk)")
         self.gen_a = Generator(**gen_kw)
         # The source stage (DG-Net) has a single generator; DG-Net++ has one per domain.
         self.gen_b = Generator(**gen_kw) if stage == "adapt" else None
@@ -121,9 +119,7 @@ class DGNetPP(pl.LightningModule):
         wd = o["weight_decay"]
 
         def adam(params, rate):
-            return torch.optim.Adam(
-                [p for p in params if p.requires_grad], lr=rate, betas=betas, weight_decay=wd
-            )
+            return torch.optim.Adam([p for p in params if p.requires_grad], lr=rate, betas=betas, weight_decay=wd)
 
         opts = {
             "d_img": adam(self.d_img.parameters(), lr["lr_d"]),
@@ -208,9 +204,7 @@ class DGNetPP(pl.LightningModule):
         return torch.where(labels >= 0, labels + self.num_source_ids, torch.full_like(labels, -1))
 
     # ------------------------------------------------------------- training
-    def _pair_from_batch(
-        self, batch: dict[str, dict[str, Tensor]]
-    ) -> tuple[objective.PairBatch, objective.StepFlags]:
+    def _pair_from_batch(self, batch: dict[str, dict[str, Tensor]]) -> tuple[objective.PairBatch, objective.StepFlags]:
         w = self.cfg["loss"]
         if self.stage == "source":
             src = batch["source"]
@@ -369,9 +363,7 @@ class DGNetPP(pl.LightningModule):
         self._val_outputs = []
         if self.trainer.world_size > 1:
             gathered = self.all_gather(local)
-            local = {
-                k: v.reshape(-1, *v.shape[2:]) if v.dim() > 2 else v.reshape(-1) for k, v in gathered.items()
-            }
+            local = {k: v.reshape(-1, *v.shape[2:]) if v.dim() > 2 else v.reshape(-1) for k, v in gathered.items()}
         order = torch.argsort(local["index"], stable=True)
         local = {k: v[order] for k, v in local.items()}
         keep = torch.ones_like(local["index"], dtype=torch.bool)

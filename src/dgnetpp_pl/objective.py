@@ -93,9 +93,7 @@ def frozen_call(module: nn.Module, method: str, *args: Tensor) -> object:
     with dropout_off(module):
         if method == "forward":
             return functional_call(module, state, args, strict=False)
-        return functional_call(
-            _MethodAsForward(module, method), {f"inner.{k}": v for k, v in state.items()}, args
-        )
+        return functional_call(_MethodAsForward(module, method), {f"inner.{k}": v for k, v in state.items()}, args)
 
 
 class _MethodAsForward(nn.Module):
@@ -260,8 +258,7 @@ def generator_losses(
         d_fake = d_img(torch.cat([fwd.x_ba, fwd.x_ab]))
     bsz = batch.x_a.shape[0]
     gan = sum(
-        losses.lsgan_g_loss([o[h * bsz : (h + 1) * bsz] for o in d_fake], scale=w["gan_g_scale"])
-        for h in range(2)
+        losses.lsgan_g_loss([o[h * bsz : (h + 1) * bsz] for o in d_fake], scale=w["gan_g_scale"]) for h in range(2)
     )
     out["gan"] = w["gan"] * gan
     ce = losses.id_loss

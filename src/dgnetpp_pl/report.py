@@ -18,9 +18,7 @@ def _pick(result: dict[str, Any], key: str) -> float | None:
     return None
 
 
-def summary_rows(
-    results: dict[str, Any], labels: dict[str, str]
-) -> list[tuple[str, float | None, float | None]]:
+def summary_rows(results: dict[str, Any], labels: dict[str, str]) -> list[tuple[str, float | None, float | None]]:
     """(model, target mAP, target Rank-1) per stage, as fractions."""
     return [(labels.get(s, s), _pick(r, "mAP"), _pick(r, "Rank-1")) for s, r in results.items()]
 

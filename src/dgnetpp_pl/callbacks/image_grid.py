@@ -42,9 +42,7 @@ class SwapGridCallback(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        if (
-            trainer.current_epoch + 1
-        ) % self.every_n_epochs and trainer.current_epoch + 1 != trainer.max_epochs:
+        if (trainer.current_epoch + 1) % self.every_n_epochs and trainer.current_epoch + 1 != trainer.max_epochs:
             return
         src, tgt = (t.to(pl_module.device) for t in self._fixed_images(trainer))
         was_training = pl_module.training

@@ -31,9 +31,7 @@ class AppearanceOutput(NamedTuple):
 class ClassBlock(nn.Module):
     """Id head: Linear(in -> bottleneck) -> BN1d -> Dropout(p) -> Linear(bottleneck -> N), no ReLU."""
 
-    def __init__(
-        self, in_dim: int, num_classes: int, bottleneck_dim: int = 512, droprate: float = 0.5
-    ) -> None:
+    def __init__(self, in_dim: int, num_classes: int, bottleneck_dim: int = 512, droprate: float = 0.5) -> None:
         super().__init__()
         self.bottleneck = nn.Sequential(nn.Linear(in_dim, bottleneck_dim), nn.BatchNorm1d(bottleneck_dim))
         self.dropout = nn.Dropout(droprate)
@@ -187,8 +185,7 @@ class AppearanceEncoder(nn.Module):
         old = self.head1.classifier.weight
         if init is not None and tuple(init.shape) != (num_classes, self.bottleneck_dim):
             raise ValueError(
-                f"reset_classifiers: init must be ({num_classes}, {self.bottleneck_dim}), "
-                f"got {tuple(init.shape)}"
+                f"reset_classifiers: init must be ({num_classes}, {self.bottleneck_dim}), got {tuple(init.shape)}"
             )
         for head in (self.head1, self.head2):
             linear = _new_classifier(self.bottleneck_dim, num_classes).to(device=old.device, dtype=old.dtype)

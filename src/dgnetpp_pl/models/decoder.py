@@ -35,9 +35,7 @@ class Decoder(nn.Module):
     ) -> None:
         super().__init__()
         if n_res < 1 or code_dim % n_res:
-            raise ValueError(
-                f"Decoder: code_dim {code_dim} must split into n_res={n_res} equal chunks (n_res >= 1)"
-            )
+            raise ValueError(f"Decoder: code_dim {code_dim} must split into n_res={n_res} equal chunks (n_res >= 1)")
         if content_dim % (2**n_upsample):
             raise ValueError(f"Decoder: content_dim {content_dim} must be divisible by 2**n_upsample")
         self.content_dim = content_dim
@@ -80,9 +78,7 @@ class Decoder(nn.Module):
             )
         c = self.content_dim
         params = []
-        for chunk, mlp_w, mlp_b in zip(
-            code.split(self.chunk_dim, dim=1), self.mlp_w, self.mlp_b, strict=True
-        ):
+        for chunk, mlp_w, mlp_b in zip(code.split(self.chunk_dim, dim=1), self.mlp_w, self.mlp_b, strict=True):
             w, b = mlp_w(chunk), mlp_b(chunk)
             params.append(((w[:, :c], b[:, :c]), (w[:, c:], b[:, c:])))
         return params
@@ -93,9 +89,7 @@ class Decoder(nn.Module):
                 f"Decoder: structure code must be (B, {self.content_dim}, h, w), got {tuple(structure.shape)}"
             )
         if structure.shape[0] != code.shape[0]:
-            raise ValueError(
-                f"Decoder: batch sizes differ (structure {structure.shape[0]}, code {code.shape[0]})"
-            )
+            raise ValueError(f"Decoder: batch sizes differ (structure {structure.shape[0]}, code {code.shape[0]})")
         x = structure
         for block, params in zip(self.res_blocks, self.adain_params(code), strict=True):
             x = block(x, params)

@@ -31,8 +31,7 @@ class MultiScaleImageDiscriminator(nn.Module):
         super().__init__()
         if num_scales < 1 or n_layer < 1:
             raise ValueError(
-                f"MultiScaleImageDiscriminator: num_scales ({num_scales}) and n_layer ({n_layer}) "
-                "must be >= 1"
+                f"MultiScaleImageDiscriminator: num_scales ({num_scales}) and n_layer ({n_layer}) must be >= 1"
             )
         self.downsample = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
         self.nets = nn.ModuleList(
@@ -41,9 +40,7 @@ class MultiScaleImageDiscriminator(nn.Module):
         init_weights(self, init)
 
     @staticmethod
-    def _make_net(
-        in_ch: int, dim: int, n_layer: int, n_res: int, norm: str, activ: str, pad: str
-    ) -> nn.Module:
+    def _make_net(in_ch: int, dim: int, n_layer: int, n_res: int, norm: str, activ: str, pad: str) -> nn.Module:
         kw = {"norm": norm, "activation": activ, "pad_type": pad}
         layers: list[nn.Module] = [
             Conv2dBlock(in_ch, dim, 1, 1, 0, **kw),
@@ -72,9 +69,7 @@ class DomainDiscriminator(nn.Module):
     Each hidden block is Linear + BatchNorm1d + LeakyReLU(0.2); a final Linear maps to one score.
     """
 
-    def __init__(
-        self, in_dim: int = 2048, hidden: Sequence[int] = (1024, 512, 256), init: str = "gaussian"
-    ) -> None:
+    def __init__(self, in_dim: int = 2048, hidden: Sequence[int] = (1024, 512, 256), init: str = "gaussian") -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = in_dim
