@@ -35,10 +35,10 @@ from dgnetpp_pl.module import DGNetPP
 H, W, B = 128, 64, 2  # ASPP (dilation 9 at 1/4 resolution) needs at least 80x40
 N_SRC, CAPACITY, N_CLUSTERS = 6, 5, 4  # masking active in self-training: 6 + 4 of 11 classes
 # (rtol, atol) of the losses and the gradient tolerance relative to each network's gradient scale. float32
-# rounding (mostly in the first convolutions, which sum over every pixel) reaches a few 1e-4 of the scale. In
-# float64 the gradients agree to ~1e-14; the loss values only to float32 rounding, because the GAN terms are
-# computed in float32 by design.
-TOLERANCES = {torch.float32: (1e-4, 1e-5, 2e-3), torch.float64: (1e-7, 1e-9, 1e-10)}
+# rounding (mostly in the first convolutions, which sum over every pixel) reaches a few 1e-3 of the scale,
+# depending on the BLAS thread split. In float64 the gradients agree to ~1e-14; the loss values only to float32
+# rounding, because the GAN terms are computed in float32 by design.
+TOLERANCES = {torch.float32: (1e-4, 1e-5, 1e-2), torch.float64: (1e-7, 1e-9, 1e-10)}
 CASES = [
     pytest.param(phase, detach_p, torch.float32, id=f"{phase}-{branch}-fp32")
     for phase in ("source", "warmup", "self_training")

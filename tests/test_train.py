@@ -80,7 +80,9 @@ def test_k_larger_than_target_images_is_a_clear_error(tmp_path, synthetic_data_d
 
 def test_checkpoint_from_another_model_size_is_refused(tmp_path, synthetic_data_dir, tiny_run):
     _, results = tiny_run
-    cfg = tiny_cfg(tmp_path, synthetic_data_dir, "model.appearance.arch=resnet34", f"init_ckpt={results['source']['ckpt']}")
+    cfg = tiny_cfg(
+        tmp_path, synthetic_data_dir, "model.appearance.arch=resnet34", f"init_ckpt={results['source']['ckpt']}"
+    )
     with pytest.raises(ValueError, match="different model size"):
         train(cfg)
 

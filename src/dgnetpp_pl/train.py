@@ -58,6 +58,30 @@ def build_trainer(cfg: DictConfig, stage: str, callbacks: list, loggers: list, s
     )
 
 
+def with_last_checkpoint_every_epoch(callbacks: list, stage_dir: Path) -> list:
+    """Make ``last.ckpt`` (what ``ckpt_path=last`` resumes from) the state at the end of the newest epoch.
+
+    Since Lightning 2.6, ``ModelCheckpoint(save_last=True)`` writes it only when a top-k checkpoint is saved in the
+    same step, i.e. when the monitored metric improved, so a resume could go back several epochs. A dedicated
+    checkpoint (after the others, so their state is current) takes over for every callback that asks for it.
+    """
+    wanted = [cb for cb in callbacks if isinstance(cb, pl.callbacks.ModelCheckpoint) and cb.save_last]
+    if not wanted:
+        return callbacks
+    for cb in wanted:
+        cb.save_last = False
+    # At the train epoch end, after the pseudo-label refresh, so the file holds the next epoch's labels.
+    last = pl.callbacks.ModelCheckpoint(
+        dirpath=str(stage_dir),
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+    return [*callbacks, last]
+
+
 def run_stage(cfg: DictConfig, stage: str, init_ckpt: str | None = None) -> dict[str, Any]:
     """Fit (or resume) one stage and evaluate it on the target; returns its metrics and checkpoint path."""
     out_dir = Path(cfg.paths.output_dir)
@@ -98,6 +122,7 @@ def run_stage(cfg: DictConfig, stage: str, init_ckpt: str | None = None) -> dict
     for cb in callbacks:
         if isinstance(cb, pl.callbacks.ModelCheckpoint):
             cb.dirpath = str(stage_dir)
+    callbacks = with_last_checkpoint_every_epoch(callbacks, stage_dir)
     if stage == "adapt":
         plc = OmegaConf.to_container(cfg.pseudo_label, resolve=True)
         callbacks.append(
@@ -121,7 +146,7 @@ def run_stage(cfg: DictConfig, stage: str, init_ckpt: str | None = None) -> dict
             # A run resumed after its last epoch validates nothing: report the restored metrics.
             result.update(val or getattr(model, "last_eval", {}))
         if not sigterm.requested:
-            trainer.save_checkpoint(final)
+            trainer.save_checkpoint(final, weights_only=False)  # full state, so a stage can be continued
         if cfg.test and not sigterm.requested:
             tested = trainer.test(model, datamodule=dm, verbose=False)
             result.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
