@@ -1,0 +1,456 @@
+"""Training-step benchmark: one DG-Net++ iteration (D step + G step), ours against the official structure.
+
+For each phase (source stage, adapt warm-up, adapt self-training) it times our iteration (the module's own
+``discriminator_step`` / ``generator_step`` on one shared ``objective.forward_pair``, then the scheduler
+steps, as ``DGNetPP.training_step`` does) and the straightforward official-structured iteration of
+``bench/reference_step.py``, both against a warm torchvision ResNet-50 forward+backward at batch 8. It counts
+the network passes of one iteration (appearance-encoder calls and their batch sizes, decoder, structure
+encoder and image-discriminator calls, frozen re-encodings, deep copies). Each configuration runs in its own
+process, so each peak RSS is its own.
+
+    python bench/train_step.py                        # paper size (256x128, ResNet-50, batch 8 + 8), CPU
+    python bench/train_step.py --model dgnetpp_small --iters 5
+    python bench/train_step.py --device cuda --precision bf16 [--channels-last]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent / "src"), str(HERE)]  # works from a checkout without `pip install -e .`
+
+from _common import emit, print_table, run_worker  # noqa: E402
+
+PHASES = ("source", "warmup", "self_training")
+PATHS = ("ours", "ref")
+# Source ids (DukeMTMC-reID) and target clusters (k-means k) of the paper-size run; small: the demo's sizes.
+CLASSES = {"dgnetpp": (702, 700), "dgnetpp_small": (100, 50)}
+IMAGE_SIZE = {"dgnetpp": (256, 128), "dgnetpp_small": (128, 64)}
+OFFICIAL = "official code on this CPU (reference doc s11): D 3.1 s + G 15.1 s; 31-45x ResNet-50; 15.3-16.9 GB"
+
+
+# --------------------------------------------------------------------------------------------- config
+def load_model_cfg(name: str) -> dict[str, Any]:
+    """The plain ``conf/model/<name>.yaml`` dict, its ``defaults`` merged (no Hydra needed)."""
+    import yaml
+
+    path = HERE.parent / "conf" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise SystemExit(f"--model {name!r}: no {path}; use one of {choices}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    merged: dict[str, Any] = {}
+    for base in raw.pop("defaults", []):
+        if base != "_self_":
+            merged = _merge(merged, load_model_cfg(base))
+    return _merge(merged, raw)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _sync(device: Any) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    import torch
+
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _images(n: int, height: int, width: int, gen: Any) -> Any:
+    """Smooth random person-sized images ``(n, 3, H, W)`` (content does not change the cost)."""
+    import torch
+    import torch.nn.functional as F
+
+    coarse = torch.randn(n, 3, height // 8, width // 8, generator=gen)
+    return F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+
+
+class PassCounter:
+    """Forward hooks counting network calls and their batch sizes; a call on detached weights is 'frozen'.
+
+    Deep copies carry the hooks with them, so the reference path's copies are counted as frozen too.
+    """
+
+    def __init__(self, module: Any) -> None:
+        self.calls: dict[str, list[tuple[int, bool]]] = {}
+        self._handles = []
+        gens = {id(g): g for g in (module.gen_a, module.gen_b_or_a)}.values()
+        targets = [("app", module.e_app.backbone), ("d_img", module.d_img)]
+        targets += [("str", g.encoder) for g in gens] + [("dec", g.decoder) for g in gens]
+        if module.d_dom is not None:
+            targets.append(("d_dom", module.d_dom))
+        for name, mod in targets:
+            self._handles.append(mod.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Callable:
+        def hook(mod: Any, inputs: tuple, output: Any) -> None:
+            frozen = not any(p.requires_grad for p in mod.parameters())
+            self.calls.setdefault(name, []).append((int(inputs[0].shape[0]), frozen))
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def summary(self) -> dict[str, Any]:
+        def pick(name: str, frozen: bool | None = None) -> list[int]:
+            return [b for b, f in self.calls.get(name, []) if frozen is None or f == frozen]
+
+        return {
+            "app_live": pick("app", False),
+            "app_frozen": pick("app", True),
+            "str_live": pick("str", False),
+            "str_frozen": pick("str", True),
+            "dec": pick("dec"),
+            "d_img": pick("d_img"),
+            "d_dom": pick("d_dom"),
+        }
+
+
+@contextlib.contextmanager
+def timed_frozen_calls(acc: dict[str, float], device: str) -> Iterator[None]:
+    """Time every ``objective.frozen_call`` (the re-encodings of the fakes) into ``acc['reencode_s']``."""
+    from dgnetpp_pl import objective
+
+    original = objective.frozen_call
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        _sync(device)
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        _sync(device)
+        acc["reencode_s"] = acc.get("reencode_s", 0.0) + time.perf_counter() - start
+        return out
+
+    objective.frozen_call = timed
+    try:
+        yield
+    finally:
+        objective.frozen_call = original
+
+
+# --------------------------------------------------------------------------------------------- workers
+def _build(args: argparse.Namespace, phase: str) -> tuple[Any, Any, Any, dict, list]:
+    """Module on the device, its pair batch and flags, named optimisers and schedulers."""
+    import torch
+
+    from dgnetpp_pl.module import DGNetPP
+
+    cfg = load_model_cfg(args.model)
+    cfg["channels_last"] = bool(args.channels_last)
+    n_src, k = CLASSES.get(args.model, CLASSES["dgnetpp_small"])
+    height, width = IMAGE_SIZE.get(args.model, (256, 128))
+    torch.manual_seed(0)
+    module = DGNetPP(
+        model=cfg, stage="source" if phase == "source" else "adapt", num_source_ids=n_src,
+        target_capacity=k, warmup_epochs=1 if phase == "warmup" else 0, image_size=(height, width),
+    )  # fmt: skip
+    if phase == "self_training":
+        module.set_target_classes(k)
+    module.to(args.device).train()
+    opts, scheds = module.configure_optimizers()
+    named = dict(zip(module._optim_names(), opts, strict=True))
+    g = torch.Generator().manual_seed(1)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    def half(n: int, num_labels: int) -> dict:
+        def img() -> torch.Tensor:
+            return _images(n, height, width, g).to(args.device).contiguous(memory_format=fmt)
+
+        labels = torch.randint(num_labels, (n,), generator=g).to(args.device)
+        return {"image": img(), "pos": img(), "label": labels}
+
+    b = args.batch
+    if phase == "source":
+        batch = {"source": half(2 * b, n_src)}
+    else:
+        batch = {"source": half(b, n_src), "target": half(b, k)}
+    pair, flags = module._pair_from_batch(batch)
+    return module, pair, flags, named, scheds
+
+
+def _ours_iteration(module: Any, pair: Any, flags: Any, scheds: list, args: argparse.Namespace) -> dict:
+    """``DGNetPP.training_step`` without logging: shared forward, D step, G step, scheduler steps."""
+    from dgnetpp_pl import objective
+
+    w = module.cfg["loss"]
+    acc: dict[str, float] = {}
+    c0, t0 = time.process_time(), time.perf_counter()
+    with timed_frozen_calls(acc, args.device), _autocast(args.device, args.precision):
+        fwd = objective.forward_pair(
+            module.e_app, module.gen_a, module.gen_b_or_a, pair, flags,
+            erasing_p=w["erasing_p"], structure_detach_p=w["structure_detach_p"],
+        )  # fmt: skip
+        _sync(args.device)
+        t1 = time.perf_counter()
+        if module.discriminator_step(fwd, pair, flags) is None:
+            raise RuntimeError("the discriminator step was skipped (non-finite loss)")
+        _sync(args.device)
+        t2 = time.perf_counter()
+        if module.generator_step(fwd, pair, flags) is None:
+            raise RuntimeError("the generator step was skipped (non-finite loss)")
+    for sched in scheds:
+        sched.step()
+    _sync(args.device)
+    t3 = time.perf_counter()
+    times = {"forward_s": t1 - t0, "d_step_s": t2 - t1, "g_step_s": t3 - t2, "total_s": t3 - t0}
+    return {**times, "cpu_s": time.process_time() - c0, **acc}
+
+
+def _ref_iteration(
+    module: Any,
+    pair: Any,
+    flags: Any,
+    named: dict,
+    scheds: list,
+    args: argparse.Namespace,
+) -> dict:
+    """The official-structured iteration of ``reference_step.py`` plus the scheduler steps."""
+    from reference_step import Nets, reference_iteration
+
+    stats: dict[str, float] = {}
+    c0, t0 = time.process_time(), time.perf_counter()
+    with _autocast(args.device, args.precision):
+        reference_iteration(Nets.from_module(module), named, pair, flags, module.cfg["loss"], stats=stats)
+    for sched in scheds:
+        sched.step()
+    _sync(args.device)
+    stats["total_s"] = time.perf_counter() - t0
+    stats["cpu_s"] = time.process_time() - c0
+    return stats
+
+
+def step_worker(case: str, args: argparse.Namespace) -> dict:
+    """Median times of ``args.iters`` iterations of one (path, phase) after warm-up; passes counted once."""
+    import torch
+
+    path, phase = case.split("-", 1)
+    module, pair, flags, named, scheds = _build(args, phase)
+    # The module's steps use the trainer's optimiser handles and backward; give them the plain ones.
+    module._named_optimizers = lambda: named
+    module.manual_backward = lambda loss: loss.backward()
+
+    def once() -> dict:
+        if path == "ours":
+            return _ours_iteration(module, pair, flags, scheds, args)
+        return _ref_iteration(module, pair, flags, named, scheds, args)
+
+    counter = PassCounter(module)
+    first = once()  # the first warm-up iteration also counts the passes
+    counter.remove()
+    for _ in range(args.warmup - 1):
+        once()
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    runs = [once() for _ in range(args.iters)]
+    keys = sorted({k for r in runs for k in r})
+    result = {
+        "case": case,
+        **{k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys},
+        "first_s": first["total_s"],
+        "passes": counter.summary(),
+        "deep_copies": int(first.get("deep_copies", 0)),
+        "threads": torch.get_num_threads(),
+    }
+    if torch.device(args.device).type == "cuda":
+        result["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        result["gpu_name"] = torch.cuda.get_device_name()
+    return result
+
+
+def baseline_worker(args: argparse.Namespace) -> dict:
+    """Warm torchvision ResNet-50 forward + backward, batch 8, 256x128 (median of ``args.baseline_iters``)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).to(args.device).train()
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.randn(8, 3, 256, 128, device=args.device).contiguous(memory_format=fmt)
+    y = torch.randint(1000, (8,), device=args.device)
+
+    def once() -> tuple[float, float]:
+        c0, t0 = time.process_time(), time.perf_counter()
+        with _autocast(args.device, args.precision):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        _sync(args.device)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    for _ in range(3):
+        once()
+    runs = [once() for _ in range(args.baseline_iters)]
+    return {
+        "case": "baseline",
+        "total_s": statistics.median(r[0] for r in runs),
+        "cpu_s": statistics.median(r[1] for r in runs),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_case(case: str, args: argparse.Namespace) -> dict:
+    """One configuration's result dict (baseline, or ``<path>-<phase>``)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    result = baseline_worker(args) if case == "baseline" else step_worker(case, args)
+    result["load"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if torch.device(args.device).type == "cuda":
+        result.setdefault("gpu_name", torch.cuda.get_device_name())
+        gc.collect()  # free this configuration's networks before the next one (--in-process)
+        torch.cuda.empty_cache()
+    return result
+
+
+# --------------------------------------------------------------------------------------------- report
+def _calls(sizes: list[int]) -> str:
+    """'3 (32)': number of calls and total images; '-' when none."""
+    return f"{len(sizes)} ({sum(sizes)})" if sizes else "-"
+
+
+def _rows(results: dict[str, dict], args: argparse.Namespace) -> list[tuple[str, str, dict]]:
+    pairs = [(phase, path) for phase in args.phases for path in args.paths]
+    return [(ph, pa, results[f"{pa}-{ph}"]) for ph, pa in pairs if f"{pa}-{ph}" in results]
+
+
+def report(results: dict[str, dict], args: argparse.Namespace) -> None:
+    """Print the timing table, the pass-count table and the before/after summary."""
+    base = results["baseline"]
+    cuda = args.device.startswith("cuda")
+    header = ["phase", "path", "iter s", "CPU s", "forward s", "D step s", "G step s", "re-encode s"]
+    header += ["x ResNet-50", "x (CPU)"] + (["it/s", "GPU peak GB"] if cuda else []) + ["peak RSS GB"]
+    rows = []
+    for phase, path, r in _rows(results, args):
+        row = [phase, path, r["total_s"], r["cpu_s"], r.get("forward_s", "-"), r["d_step_s"], r["g_step_s"]]
+        row += [r.get("reencode_s", 0.0), r["total_s"] / base["total_s"], r["cpu_s"] / base["cpu_s"]]
+        row += [1.0 / r["total_s"], r.get("gpu_peak_gb", 0.0)] if cuda else []
+        rows.append([*row, r["peak_rss_gb"]])
+    where = base.get("gpu_name") or f"{args.device}, {args.threads} threads"
+    load = max(r.get("load", 0.0) for r in results.values())
+    print_table(
+        f"One iteration (D step + G step), model={args.model}, batch {args.batch} + {args.batch}, "
+        f"{args.precision}{', channels-last' if args.channels_last else ''}; {where}; median of {args.iters} "
+        f"after {args.warmup} warm-up; highest load average {load:.1f}",
+        header,
+        rows,
+    )
+    print(
+        f"Baseline: warm ResNet-50 forward+backward, batch 8, 256x128: {base['total_s']:.3f} s wall, "
+        f"{base['cpu_s']:.3f} s CPU (median of {args.baseline_iters}).\n"
+        "ours: forward = the shared forward_pair (re-encoding included); D and G steps include backward and\n"
+        "optimiser steps. ref: the D step re-runs its own forward. CPU s counts all threads (steadier than\n"
+        "wall time on a shared machine)."
+    )
+    count_header = ["phase", "path", "E_app live", "E_app frozen", "E_str live", "E_str frozen", "decoder"]
+    count_header += ["D_img", "D_dom", "deep copies"]
+    count_rows = []
+    for phase, path, r in _rows(results, args):
+        p = r["passes"]
+        names = ("app_live", "app_frozen", "str_live", "str_frozen", "dec", "d_img", "d_dom")
+        count_rows.append([phase, path, *(_calls(p[n]) for n in names), r["deep_copies"]])
+    print_table("Network passes in one iteration: calls (total images)", count_header, count_rows)
+    print(
+        "The structure re-encoding branch is a coin (structure_detach_p): 'E_str frozen' shows the branch\n"
+        f"the counted iteration drew. For comparison, {OFFICIAL}."
+    )
+    for phase in args.phases:
+        ours, ref = results.get(f"ours-{phase}"), results.get(f"ref-{phase}")
+        if ours and ref:
+            r_wall, o_wall, r_cpu, o_cpu = ref["total_s"], ours["total_s"], ref["cpu_s"], ours["cpu_s"]
+            wall = f"{r_wall:.2f} -> {o_wall:.2f} s ({r_wall / o_wall:.2f}x)"
+            cpu = f"{r_cpu:.2f} -> {o_cpu:.2f} s ({r_cpu / o_cpu:.2f}x)"
+            rss = f"{ref['peak_rss_gb']:.1f} -> {ours['peak_rss_gb']:.1f} GB"
+            print(f"{phase}: official-structured -> ours: wall {wall}, CPU {cpu}, peak RSS {rss}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="dgnetpp", help="conf/model/<name>.yaml (default: dgnetpp)")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per configuration (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up iterations, >= 1 (default 1)")
+    parser.add_argument("--baseline-iters", type=int, default=10, help="timed ResNet-50 passes (default 10)")
+    parser.add_argument("--batch", type=int, default=8, help="images per half (default 8: batch 8 + 8)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last model and inputs")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {PHASES}")
+    parser.add_argument("--paths", default="ours,ref", help="comma list: ours, ref (official-structured)")
+    parser.add_argument("--json", type=Path, help="also write all results to this JSON file")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every configuration in this process (faster start on a GPU; no per-configuration RSS)",
+    )
+    args = parser.parse_args(argv)
+    args.phases = [p for p in args.phases.split(",") if p]
+    args.paths = [p for p in args.paths.split(",") if p]
+    bad = [p for p in args.phases if p not in PHASES] + [p for p in args.paths if p not in PATHS]
+    if bad:
+        parser.error(f"unknown phase/path {bad}; phases: {PHASES}, paths: {PATHS}")
+    if args.warmup < 1 or args.iters < 1:
+        parser.error("--warmup and --iters must be >= 1 (the first warm-up iteration counts the passes)")
+    return args
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    out = ["--model", args.model, "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    out += ["--baseline-iters", str(args.baseline_iters), "--batch", str(args.batch), "--device", args.device]
+    out += ["--precision", args.precision, "--threads", str(args.threads)]
+    return out + (["--channels-last"] if args.channels_last else [])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        emit(run_case(args.worker, args))
+        return
+    cases = ["baseline"] + [f"{path}-{phase}" for phase in args.phases for path in args.paths]
+    results: dict[str, dict] = {}
+    for case in cases:
+        start = time.perf_counter()
+        if args.in_process:
+            results[case] = {**run_case(case, args), "peak_rss_gb": float("nan")}
+        else:
+            results[case] = run_worker(__file__, case, *_worker_argv(args), timeout=3600)
+        took = time.perf_counter() - start
+        print(f"  {case}: {results[case]['total_s']:.3f} s/iter ({took:.0f} s)", file=sys.stderr, flush=True)
+    report(results, args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": _worker_argv(args), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
