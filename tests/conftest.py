@@ -34,3 +34,28 @@ def synthetic_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         target=TARGET_STYLE.with_overrides(SMALL_SIZES),
     )
     return data_dir
+
+
+def _tiny_overrides(data_dir: Path) -> list[str]:
+    return ["experiment=demo", "debug=tiny", f"paths.data_dir={data_dir}", "logger=csv", "callbacks.swap_grid=null"]
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(synthetic_data_dir: Path) -> list[str]:
+    """Overrides for the tiny preset on the session's synthetic data: demo experiment, CSV logs, no image grids."""
+    return _tiny_overrides(synthetic_data_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_source_ckpt(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path) -> Path:
+    """A source-stage checkpoint of the tiny preset after one training batch, for adapt runs to start from."""
+    from hydra import compose, initialize_config_dir
+
+    from dgnetpp_pl.config import CONF_DIR
+    from dgnetpp_pl.train import train
+
+    out = tmp_path_factory.mktemp("tiny_source")
+    overrides = [*_tiny_overrides(synthetic_data_dir), f"paths.output_dir={out}", "stage=source", "test=false"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*overrides, "trainer.limit_train_batches=1"])
+    return Path(train(cfg)["source"]["ckpt"])
