@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pickle
 import random
-import zipfile
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"Checkpoint {path} does not exist; check the path (ckpt_path=, init_ckpt=).")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if refused is None:
+            raise _corrupt(path, err) from None
         raise CheckpointError(
-            f"Checkpoint {path} is truncated or corrupt and cannot be loaded ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). Use an earlier checkpoint, e.g. last.ckpt."
+            f"Checkpoint {path} holds a pickled object ({refused.group(1)}) that safe loading (weights_only=True) "
+            "refuses, because unpickling it could run code; dgnetpp_pl checkpoints hold only tensors and plain "
+            "values. Use a checkpoint written by dgnetpp_pl."
         ) from None
+    except OSError as err:
+        raise CheckpointError(f"Checkpoint {path} cannot be read: {err}.") from None
+    except Exception as err:  # torch.load fails in many ways on bytes that are not a checkpoint (even KeyError)
+        raise _corrupt(path, err) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"Checkpoint {path} holds no 'state_dict'; it is not a dgnetpp_pl checkpoint.")
     return ckpt
+
+
+def _corrupt(path: Path, err: BaseException) -> CheckpointError:
+    first = str(err).splitlines()[0] if str(err) else ""
+    return CheckpointError(
+        f"Checkpoint {path} is truncated or corrupt and cannot be loaded ({type(err).__name__}"
+        f"{': ' + first if first else ''}). "
+        "Use an earlier checkpoint, e.g. last.ckpt."
+    )
 
 
 def resolve_resume(ckpt_path: str | None, stage_dir: Path) -> str | None:
@@ -40,7 +57,10 @@ def resolve_resume(ckpt_path: str | None, stage_dir: Path) -> str | None:
         return None
     if ckpt_path == "last":
         last = stage_dir / "last.ckpt"
-        return str(last) if last.is_file() else None
+        if not last.is_file():
+            return None
+        load_checkpoint(last)  # fail early, naming the file, if it is corrupt
+        return str(last)
     path = Path(ckpt_path)
     # An explicit file belongs to the stage whose folder holds it.
     if path.parent.resolve() != stage_dir.resolve():
