@@ -335,7 +335,11 @@ class CrossDomainDataModule(pl.LightningDataModule):
             return
         source, target = self._build("source"), self._build("target")
         if source.root == target.root:
-            warnings.warn(f"data.source and data.target are the same dataset ({source.root}).", stacklevel=2)
+            warnings.warn(
+                f"data.source and data.target are the same dataset ({source.root}): there is no domain gap to "
+                "adapt across, so target metrics measure no transfer. Set data.target to another dataset.",
+                stacklevel=2,
+            )
         if self.verify:
             records = [r for ds in (source, target) for r in (*ds.train, *ds.query, *ds.gallery)]
             bad = verify_images(records)
