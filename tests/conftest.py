@@ -23,6 +23,73 @@ def write_jpeg() -> Callable[..., Path]:
     return _write_jpeg
 
 
+# A small Market-1501 tree in the official layout (junk pid -1 skipped, pid 0 a gallery-only distractor).
+MARKET_FILES = {
+    "bounding_box_train": [
+        "0002_c1s1_000451_03.jpg",
+        "0002_c2s1_000551_01.jpg",
+        "0007_c3s3_015000_02.jpg",
+        "0012_c6s2_020000_01.jpg",
+        "0012_c1s1_000001_01.jpg",
+        "-1_c1s1_000401_03.jpg",
+    ],
+    "query": ["0003_c1s1_000100_00.jpg", "0005_c4s2_000200_00.jpg"],
+    "bounding_box_test": [
+        "0003_c2s1_000300_01.jpg",
+        "0005_c5s3_000400_02.jpg",
+        "0000_c1s1_000500_01.jpg",
+        "-1_c3s1_000600_01.jpg",
+    ],
+}
+
+
+@pytest.fixture
+def market_files() -> dict[str, list[str]]:
+    """A fresh copy of :data:`MARKET_FILES` (``{folder: [file names]}``) to edit."""
+    return {folder: list(names) for folder, names in MARKET_FILES.items()}
+
+
+@pytest.fixture
+def market_tree() -> Callable[..., Path]:
+    """``market_tree(root, files=MARKET_FILES)`` writes ``{folder: [names]}`` as tiny JPEGs and returns ``root``."""
+
+    def make(root: Path, files: dict[str, list[str]] | None = None) -> Path:
+        for folder, names in (MARKET_FILES if files is None else files).items():
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            for name in names:
+                _write_jpeg(root / folder / name)
+        return root
+
+    return make
+
+
+@pytest.fixture
+def msmt_tree() -> Callable[[Path], Path]:
+    """``msmt_tree(root)`` writes a tiny MSMT17_V1 tree (train/val/query/gallery lists) and returns ``root``."""
+
+    def make(root: Path) -> Path:
+        lists = {
+            "list_train.txt": [
+                "0000/0000_000_01_0303morning_0015_0.jpg 0",
+                "0000/0000_001_15_0303morning_0016_0.jpg 0",
+            ],
+            "list_val.txt": ["0001/0001_000_07_0303noon_0001_0.jpg 1"],
+            "list_query.txt": ["0000/0000_000_15_0303morning_0001_0.jpg 0"],
+            "list_gallery.txt": [
+                "0000/0000_003_02_0303morning_0002_0.jpg 0",
+                "0001/0001_001_10_0303noon_0003_0.jpg 1",
+            ],
+        }
+        for list_name, lines in lists.items():
+            folder = "test" if list_name in ("list_query.txt", "list_gallery.txt") else "train"
+            for line in lines:
+                _write_jpeg(root / folder / line.split()[0])
+            (root / list_name).write_text("\n".join(lines) + "\n")
+        return root
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def synthetic_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data_dir holding the small synthetic pair (seed 0) that ``synthetic=SMALL_SIZES`` asks for."""

@@ -1,4 +1,4 @@
-"""The config tree composes for every preset, and bad overrides fail at start-up naming the key."""
+"""The config tree composes for every preset (bad overrides: ``test_bad_input.py``)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from dgnetpp_pl.config import CONF_DIR, ConfigError, validate_config
-from dgnetpp_pl.instantiate import safe_instantiate
+from dgnetpp_pl.config import CONF_DIR, validate_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -43,42 +41,10 @@ def test_experiment_composes_and_validates(experiment, tmp_path):
         assert merged.model.name == "dgnetpp_small" and merged.data.source.name == "synthetic"
 
 
-def test_unknown_override_key_fails_naming_it():
-    cfg = _compose(["experiment=demo"])
-    OmegaConf.set_struct(cfg, False)
-    cfg.model.loss.lambda_cyk = 3.0
-    with pytest.raises(ConfigError, match="model.loss.lambda_cyk"):
-        validate_config(cfg)
-
-
-def test_hydra_rejects_unknown_override_at_compose():
-    with pytest.raises(Exception, match="lambda_cyk"):
-        _compose(["experiment=demo", "model.loss.lambda_cyk=3"])
-
-
-def test_wrong_type_fails_naming_the_key():
-    cfg = _compose(["experiment=demo", "data.batch_size=many"])
-    with pytest.raises(ConfigError, match="data.batch_size"):
-        validate_config(cfg)
-
-
-def test_invalid_choice_fails_naming_the_key():
-    cfg = _compose(["experiment=demo", "pseudo_label.method=spectral"])
-    with pytest.raises(ConfigError, match="pseudo_label.method"):
-        validate_config(cfg)
-
-
 def test_data_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("DGNETPP_DATA", str(tmp_path / "datasets"))
     cfg = _compose(["experiment=demo"])
     assert Path(cfg.paths.data_dir) == tmp_path / "datasets"
-
-
-def test_instantiate_refuses_foreign_targets():
-    with pytest.raises(ConfigError, match="os.system"):
-        safe_instantiate({"_target_": "os.system", "command": "true"}, ["dgnetpp_pl", "torch"], "callbacks.evil")
-    obj = safe_instantiate({"_target_": "torch.nn.Identity"}, ["torch"], "callbacks.ok")
-    assert obj.__class__.__name__ == "Identity"
 
 
 def test_submitit_launcher_composes(tmp_path):
