@@ -95,3 +95,20 @@ def test_corrupt_checkpoint_names_the_file(tmp_path, tiny_run):
     with pytest.raises(CheckpointError, match="truncated.ckpt.*truncated or corrupt"):
         load_checkpoint(bad)
     assert isinstance(torch.load(results["source"]["ckpt"], weights_only=True), dict)
+
+
+def test_partial_evaluation_is_skipped_with_a_warning(tmp_path, synthetic_data_dir):
+    # fast_dev_run evaluates one batch: only query images, so there is no ranking to compute.
+    cfg = tiny_cfg(tmp_path, synthetic_data_dir, "debug=fast_dev_run", "data.test_batch_size=4")
+    with pytest.warns(UserWarning, match=r"metrics skipped, only 4 of \d+ evaluation images"):
+        results = train(cfg)
+    assert {"source", "adapt"} <= results.keys()
+    assert not any(k.startswith(("val/", "test/")) for k in results["adapt"])
+    assert Path(results["adapt"]["ckpt"]).is_file()
+
+
+def test_partial_evaluation_with_queries_and_gallery_ranks_what_was_seen(tmp_path, synthetic_data_dir):
+    cfg = tiny_cfg(tmp_path, synthetic_data_dir, "stage=source", "trainer.limit_test_batches=0.9")
+    with pytest.warns(UserWarning, match=r"test: metrics on \d+ of \d+ evaluation images only"):
+        results = train(cfg)
+    assert 0.0 <= results["source"]["test/mAP"] <= 1.0

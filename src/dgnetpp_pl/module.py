@@ -12,6 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from dgnetpp_pl import objective
@@ -379,12 +380,26 @@ class DGNetPP(pl.LightningModule):
         loaders = self.trainer.val_dataloaders if prefix == "val" else self.trainer.test_dataloaders
         dataset = getattr(loaders, "dataset", None)
         nq = int(getattr(dataset, "num_query", self.hparams.num_query))
-        if nq <= 0 or nq >= feats.shape[0]:
-            raise ValueError(f"num_query={nq} is invalid for {feats.shape[0]} evaluation images")
-        q, g = feats[:nq], feats[nq:]
-        dist = 1.0 - q @ g.T
+        total = len(dataset) if dataset is not None else feats.shape[0]
+        if nq <= 0 or nq >= total:
+            raise ValueError(f"num_query={nq} is invalid for {total} evaluation images")
+        # Query/gallery by dataset index, so a partial pass (limit_val_batches, fast_dev_run) splits correctly.
+        is_q = data["index"] < nq
+        if feats.shape[0] < total:
+            if bool(is_q.all()) or not bool(is_q.any()):
+                rank_zero_warn(
+                    f"{prefix}: metrics skipped, only {feats.shape[0]} of {total} evaluation images were seen "
+                    "(limit_val_batches / fast_dev_run) and they hold no query-gallery pair"
+                )
+                return {}
+            rank_zero_warn(f"{prefix}: metrics on {feats.shape[0]} of {total} evaluation images only")
         res = evaluate_ranking(
-            dist, data["pid"][:nq], data["pid"][nq:], data["camid"][:nq], data["camid"][nq:], ap="market"
+            1.0 - feats[is_q] @ feats[~is_q].T,
+            data["pid"][is_q],
+            data["pid"][~is_q],
+            data["camid"][is_q],
+            data["camid"][~is_q],
+            ap="market",
         )
         out = {
             f"{prefix}/mAP": float(res["mAP"]),
