@@ -320,6 +320,10 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        from dgnetpp_pl.allocator import keep_freed_memory
+
+        keep_freed_memory()  # as training does (keep_freed_memory: true)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     result = baseline_worker(args) if case == "baseline" else step_worker(case, args)
@@ -358,7 +362,8 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
     load = max(r.get("load", 0.0) for r in results.values())
     print_table(
         f"One iteration (D step + G step), model={args.model}, batch {args.batch} + {args.batch}, "
-        f"{args.precision}{', channels-last' if args.channels_last else ''}; {where}; median of {args.iters} "
+        f"{args.precision}{', channels-last' if args.channels_last else ''}"
+        f"{', default malloc' if args.default_malloc else ''}; {where}; median of {args.iters} "
         f"after {args.warmup} warm-up; highest load average {load:.1f}",
         header,
         rows,
@@ -407,6 +412,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {PHASES}")
     parser.add_argument("--paths", default="ours,ref", help="comma list: ours, ref (official-structured)")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="leave glibc malloc as is (training's keep_freed_memory=false)"
+    )
     parser.add_argument("--json", type=Path, help="also write all results to this JSON file")
     parser.add_argument(
         "--in-process",
@@ -428,6 +436,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     out = ["--model", args.model, "--iters", str(args.iters), "--warmup", str(args.warmup)]
     out += ["--baseline-iters", str(args.baseline_iters), "--batch", str(args.batch), "--device", args.device]
     out += ["--precision", args.precision, "--threads", str(args.threads)]
+    out += ["--default-malloc"] if args.default_malloc else []
     return out + (["--channels-last"] if args.channels_last else [])
 
 

@@ -229,6 +229,7 @@ class RootConfig:
     test: bool = True
     optimized_metric: str = "val/mAP_best"
     skip_nonfinite_steps: int = 0
+    keep_freed_memory: bool = True
     allowed_targets: list[str] = field(
         default_factory=lambda: ["dgnetpp_pl", "torch", "torchvision", "pytorch_lightning"]
     )

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dgnetpp_pl.allocator import keep_freed_memory
 from dgnetpp_pl.callbacks.pseudo_label import PseudoLabelCallback
 from dgnetpp_pl.checkpoints import load_checkpoint, resolve_resume
 from dgnetpp_pl.config import CONF_DIR, ConfigError, validate_config
@@ -175,6 +176,8 @@ def close_loggers(trainer: pl.Trainer) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stage(s); returns ``{"source": {...}, "adapt": {...}}``."""
     cfg = validate_config(cfg)
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
