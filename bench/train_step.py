@@ -64,6 +64,20 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _set_key(cfg: dict[str, Any], item: str) -> None:
+    """Apply one ``--set dotted.key=value`` (YAML value) to the model config; the key must exist."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    *parents, leaf = key.split(".")
+    node = cfg
+    for name in parents:
+        node = node.get(name) if isinstance(node, dict) else None
+    if not sep or not isinstance(node, dict) or leaf not in node:
+        raise SystemExit(f"--set {item!r}: expected an existing model key, e.g. decoder.checkpoint=true")
+    node[leaf] = yaml.safe_load(raw)
+
+
 # --------------------------------------------------------------------------------------------- helpers
 def _sync(device: Any) -> None:
     import torch
@@ -163,6 +177,8 @@ def _build(args: argparse.Namespace, phase: str) -> tuple[Any, Any, Any, dict, l
 
     cfg = load_model_cfg(args.model)
     cfg["channels_last"] = bool(args.channels_last)
+    for item in args.set:
+        _set_key(cfg, item)
     n_src, k = CLASSES.get(args.model, CLASSES["dgnetpp_small"])
     height, width = IMAGE_SIZE.get(args.model, (256, 128))
     torch.manual_seed(0)
@@ -205,6 +221,7 @@ def _ours_iteration(module: Any, pair: Any, flags: Any, scheds: list, args: argp
         fwd = objective.forward_pair(
             module.e_app, module.gen_a, module.gen_b_or_a, pair, flags,
             erasing_p=w["erasing_p"], structure_detach_p=w["structure_detach_p"],
+            joint_call=module.cfg["appearance"]["joint_call"],
         )  # fmt: skip
         _sync(args.device)
         t1 = time.perf_counter()
@@ -363,7 +380,8 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
     print_table(
         f"One iteration (D step + G step), model={args.model}, batch {args.batch} + {args.batch}, "
         f"{args.precision}{', channels-last' if args.channels_last else ''}"
-        f"{', default malloc' if args.default_malloc else ''}; {where}; median of {args.iters} "
+        f"{', default malloc' if args.default_malloc else ''}{''.join(', ' + i for i in args.set)}; {where}; "
+        f"median of {args.iters} "
         f"after {args.warmup} warm-up; highest load average {load:.1f}",
         header,
         rows,
@@ -409,6 +427,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
     parser.add_argument("--channels-last", action="store_true", help="channels-last model and inputs")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model config override, e.g. --set decoder.checkpoint=true --set appearance.joint_call=true",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {PHASES}")
     parser.add_argument("--paths", default="ours,ref", help="comma list: ours, ref (official-structured)")
@@ -437,6 +462,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     out += ["--baseline-iters", str(args.baseline_iters), "--batch", str(args.batch), "--device", args.device]
     out += ["--precision", args.precision, "--threads", str(args.threads)]
     out += ["--default-malloc"] if args.default_malloc else []
+    out += [f"--set={item}" for item in args.set]
     return out + (["--channels-last"] if args.channels_last else [])
 
 

@@ -40,10 +40,16 @@ N_SRC, CAPACITY, N_CLUSTERS = 6, 5, 4  # masking active in self-training: 6 + 4 
 # rounding, because the GAN terms are computed in float32 by design.
 TOLERANCES = {torch.float32: (1e-4, 1e-5, 1e-2), torch.float64: (1e-7, 1e-9, 1e-10)}
 CASES = [
-    pytest.param(phase, detach_p, torch.float32, id=f"{phase}-{branch}-fp32")
+    pytest.param(phase, detach_p, torch.float32, True, id=f"{phase}-{branch}-fp32")
     for phase in ("source", "warmup", "self_training")
     for detach_p, branch in ((0.0, "frozen-encoder"), (1.0, "detached-fake"))
-] + [pytest.param("self_training", 0.0, torch.float64, id="self_training-frozen-encoder-fp64")]
+] + [
+    pytest.param("self_training", 0.0, torch.float64, True, id="self_training-frozen-encoder-fp64"),
+    # Separate no-grad encoder call for the images whose outputs need no gradient (model.appearance.joint_call).
+    pytest.param("source", 0.0, torch.float32, False, id="source-split-call-fp32"),
+    pytest.param("warmup", 1.0, torch.float32, False, id="warmup-split-call-fp32"),
+    pytest.param("self_training", 0.0, torch.float64, False, id="self_training-split-call-fp64"),
+]
 
 
 def _load_reference():
@@ -156,9 +162,14 @@ ABSENT_TERMS = {
 }
 
 
-@pytest.mark.parametrize(("phase", "detach_p", "dtype"), CASES)
+@pytest.mark.parametrize(("phase", "detach_p", "dtype", "joint_call"), CASES)
 def test_optimised_iteration_equals_reference(
-    small_cfg: dict, phase: str, detach_p: float, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    small_cfg: dict,
+    phase: str,
+    detach_p: float,
+    dtype: torch.dtype,
+    joint_call: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Every D and G loss term and the gradients of D_img, D_dom, G_a, G_b and E_app agree."""
     rtol, atol, grad_tol = TOLERANCES[dtype]
@@ -171,7 +182,7 @@ def test_optimised_iteration_equals_reference(
 
     fwd = objective.forward_pair(
         module.e_app, module.gen_a, module.gen_b_or_a, pair, flags,
-        erasing_p=w["erasing_p"], structure_detach_p=detach_p,
+        erasing_p=w["erasing_p"], structure_detach_p=detach_p, joint_call=joint_call,
     )  # fmt: skip
     d_ours = objective.image_d_loss(module.d_img, fwd, pair, gan_w=w["gan"], r1_w=w["r1"])
     if flags.domain_adv:

@@ -344,3 +344,35 @@ def test_initialisation_schemes():
     dom = DomainDiscriminator()
     assert math.isclose(dom.model[0].weight.std().item(), 0.02, rel_tol=0.03)
     assert torch.all(dom.model[1].weight == 1)
+
+
+def test_decoder_checkpointing_gives_the_same_output_and_gradients():
+    torch.manual_seed(0)
+    kw = {"content_dim": 32, "code_dim": 64, "n_res": 4, "n_upsample": 2, "mlp_dim": 16}
+    plain, ckpt = Decoder(**kw), Decoder(**kw, checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    s = torch.randn(3, 32, 8, 4, requires_grad=True)
+    code = torch.randn(3, 64, requires_grad=True)
+    outs, grads = [], []
+    for dec in (plain, ckpt):
+        out = dec(s, code)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append([s.grad.clone(), code.grad.clone()] + [p.grad.clone() for p in dec.parameters()])
+        s.grad, code.grad = None, None
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    # The checkpointed decoder keeps fewer activations for backward.
+    counts = []
+    for dec in (plain, ckpt):
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            dec(s, code)
+        counts.append(sum(saved))
+    assert counts[1] < 0.5 * counts[0], counts

@@ -163,18 +163,21 @@ def test_overfitting_a_fixed_batch_lowers_reconstruction_and_cycle():
     assert last["cycle"] < 0.8 * first["cycle"], (first, last)
 
     # After the overfit, a swap keeps the structure donor's structure: the re-encoded structure of
-    # G(s_i, f_j) is closer to s_i than to s_j.
+    # G(s_i, f_j) is closer to s_i than to s_j, for most ordered pairs (i, j) of the batch and on average.
     model.eval()
     x = FixedPairs("source").dom["source"]["image"]
     with torch.no_grad():
         s = model.gen_a.encode(x)
         code, _ = model.e_app.backbone_forward(x)
-        i, j = 0, 1
-        swapped = model.gen_a.decode(s[i : i + 1], code[j : j + 1])
-        s_swapped = model.gen_a.encode(swapped)
-    d_struct = (s_swapped - s[i : i + 1]).abs().mean()
-    d_app = (s_swapped - s[j : j + 1]).abs().mean()
-    assert d_struct < d_app
+        n = x.shape[0]
+        i, j = (t.reshape(-1) for t in torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij"))
+        i, j = i[i != j], j[i != j]
+        s_swapped = model.gen_a.encode(model.gen_a.decode(s[i], code[j]))
+    d_struct = (s_swapped - s[i]).abs().flatten(1).mean(1)
+    d_app = (s_swapped - s[j]).abs().flatten(1).mean(1)
+    print(f"structure distance {d_struct.mean():.3f}, appearance-donor distance {d_app.mean():.3f}")
+    assert d_struct.mean() < d_app.mean()
+    assert (d_struct < d_app).float().mean() >= 0.75
 
 
 def test_bf16_mixed_steps_run_on_cpu_with_finite_losses():

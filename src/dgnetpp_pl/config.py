@@ -71,6 +71,7 @@ class AppearanceConfig:
     droprates: list[float] = field(default_factory=lambda: [0.5, 0.75])
     parts: int = 4
     detach_code: bool = True
+    joint_call: bool = True
 
 
 @dataclass
@@ -86,6 +87,7 @@ class StructureConfig:
 class DecoderConfig:
     n_res: int = 4
     mlp_dim: int = 512
+    checkpoint: bool = False
 
 
 @dataclass

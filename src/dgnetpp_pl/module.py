@@ -73,6 +73,7 @@ class DGNetPP(pl.LightningModule):
         gen_kw = dict(
             dim=s["dim"], n_downsample=s["n_downsample"], n_res=s["n_res"], code_dim=self.e_app.code_dim,
             mlp_dim=d["mlp_dim"], aspp_dilations=tuple(s.get("aspp_dilations", (3, 6, 9))),
+            checkpoint=d.get("checkpoint", False),
         )  # fmt: skip
         if d["n_res"] != s["n_res"]:
             raise ValueError("model.decoder.n_res must equal model.structure.n_res (one AdaIN block per code chunk)")
@@ -240,6 +241,7 @@ class DGNetPP(pl.LightningModule):
         fwd = objective.forward_pair(
             self.e_app, self.gen_a, self.gen_b_or_a, pair, flags,
             erasing_p=w["erasing_p"], structure_detach_p=w["structure_detach_p"],
+            joint_call=self.cfg["appearance"].get("joint_call", True),
         )  # fmt: skip
         d_losses = self.discriminator_step(fwd, pair, flags)
         if d_losses is None:

@@ -121,6 +121,32 @@ def _split(t: Tensor, sizes: list[int]) -> list[Tensor]:
     return list(torch.split(t, sizes, dim=0))
 
 
+def _live_groups(e_app: AppearanceEncoder, groups: dict[str, Tensor], flags: StepFlags, joint_call: bool) -> set:
+    """Names of the image groups whose encoder outputs need a graph (all of them in a joint call)."""
+    if joint_call or not e_app.detach_code:
+        return set(groups)
+    # Erased views feed the id losses; the anchors' global features feed the domain-adversarial loss.
+    return {"erased"} | ({"x_a", "x_b"} if flags.domain_adv else set())
+
+
+def _encode_groups(
+    e_app: AppearanceEncoder, groups: dict[str, Tensor], live: set
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Appearance codes and global features per group: one call over the live groups, one no-grad call."""
+    codes: dict[str, Tensor] = {}
+    feats: dict[str, Tensor] = {}
+    for needs_grad in (True, False):
+        names = [n for n in groups if (n in live) == needs_grad]
+        if not names:
+            continue
+        with torch.set_grad_enabled(needs_grad and torch.is_grad_enabled()):
+            code, feat = e_app.backbone_forward(torch.cat([groups[n] for n in names]))
+        sizes = [groups[n].shape[0] for n in names]
+        codes.update(zip(names, _split(code, sizes), strict=True))
+        feats.update(zip(names, _split(feat, sizes), strict=True))
+    return codes, feats
+
+
 def forward_pair(
     e_app: AppearanceEncoder,
     gen_a: Generator,
@@ -131,22 +157,28 @@ def forward_pair(
     erasing_p: float,
     structure_detach_p: float,
     generator: torch.Generator | None = None,
+    joint_call: bool = True,
 ) -> Forward:
-    """Encode, swap, re-encode and cycle once; every tensor the losses use is kept in ``Forward.tensors``."""
+    """Encode, swap, re-encode and cycle once; every tensor the losses use is kept in ``Forward.tensors``.
+
+    ``joint_call``: all real images go through one appearance-encoder call (BatchNorm statistics over all of
+    them). Otherwise the images whose outputs need no gradient (detached codes, features no loss uses) go through
+    a separate no-grad call, which stores no activations; BatchNorm statistics are then per call, as in the
+    official code's separate calls.
+    """
     bsz = batch.x_a.shape[0]
-    # One appearance-encoder call over the real images (BatchNorm statistics over the joint batch).
     erase_src = [batch.x_a, batch.xp_a] + ([batch.x_b, batch.xp_b] if flags.b_ids else [])
     erased = random_erasing(torch.cat(erase_src), p=erasing_p, generator=generator)
     need_xp_b = flags.recon_xp_b > 0
-    parts = [batch.x_a, batch.x_b, batch.xp_a] + ([batch.xp_b] if need_xp_b else []) + [erased]
-    sizes = [p.shape[0] for p in parts]
-    code, feat = e_app.backbone_forward(torch.cat(parts))
-    codes = _split(code, sizes)
-    feats = _split(feat, sizes)
-    f_a, f_b, fp_a = codes[0], codes[1], codes[2]
-    fp_b = codes[3] if need_xp_b else None
-    fe_a, fe_b = feats[0], feats[1]
-    logits_er, _ = e_app.heads(feats[-1])
+    groups = {"x_a": batch.x_a, "x_b": batch.x_b, "xp_a": batch.xp_a}
+    if need_xp_b:
+        groups["xp_b"] = batch.xp_b
+    groups["erased"] = erased
+    codes, feats = _encode_groups(e_app, groups, live=_live_groups(e_app, groups, flags, joint_call))
+    f_a, f_b, fp_a = codes["x_a"], codes["x_b"], codes["xp_a"]
+    fp_b = codes.get("xp_b")
+    fe_a, fe_b = feats["x_a"], feats["x_b"]
+    logits_er, _ = e_app.heads(feats["erased"])
     logits_er = tuple(mask_logits(lg, flags.num_active_classes) for lg in logits_er)
 
     # Structure codes; generators have only per-sample norms, so batching their calls changes nothing.

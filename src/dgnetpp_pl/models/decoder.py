@@ -6,6 +6,8 @@ per-sample (gamma, beta) are passed down as arguments, so the module holds no pe
 
 from __future__ import annotations
 
+import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from dgnetpp_pl.models.blocks import MLP, AdaINParams, AdaINResBlock, Conv2dBlock, init_weights
@@ -17,7 +19,8 @@ class Decoder(nn.Module):
     `n_res` AdaIN ResBlocks, `n_upsample` x [nearest x2, Conv5x5, LayerNorm, act] halving the channels, then
     Conv3x3, Conv3x3 and Conv1x1 to `out_ch`, with no output activation. The code is split into `n_res`
     consecutive chunks; chunk k feeds one weight MLP (AdaIN gamma) and one bias MLP (AdaIN beta) that
-    drive the two AdaIN layers of ResBlock k. The upsampling factor is f = 2**n_upsample.
+    drive the two AdaIN layers of ResBlock k. The upsampling factor is f = 2**n_upsample. With `checkpoint`,
+    the upsampling layers are recomputed in backward rather than keeping their activations.
     """
 
     def __init__(
@@ -32,6 +35,7 @@ class Decoder(nn.Module):
         activ: str = "lrelu",
         pad: str = "reflect",
         init: str = "kaiming",
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if n_res < 1 or code_dim % n_res:
@@ -42,6 +46,7 @@ class Decoder(nn.Module):
         self.code_dim = code_dim
         self.n_res = n_res
         self.chunk_dim = code_dim // n_res
+        self.checkpoint = checkpoint
         self.res_blocks = nn.ModuleList(AdaINResBlock(content_dim, activ, pad) for _ in range(n_res))
         layers: list[nn.Module] = []
         width = content_dim
@@ -93,4 +98,7 @@ class Decoder(nn.Module):
         x = structure
         for block, params in zip(self.res_blocks, self.adain_params(code), strict=True):
             x = block(x, params)
+        if self.checkpoint and torch.is_grad_enabled():
+            # The full-resolution layers hold most of the activations: recompute them in backward instead.
+            return torch.utils.checkpoint.checkpoint(self.upsample, x, use_reentrant=False)
         return self.upsample(x)

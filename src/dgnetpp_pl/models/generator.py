@@ -28,6 +28,7 @@ class Generator(nn.Module):
         pad: str = "reflect",
         aspp_dilations: Sequence[int] = (3, 6, 9),
         init: str = "kaiming",
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = StructureEncoder(
@@ -51,6 +52,7 @@ class Generator(nn.Module):
             activ=activ,
             pad=pad,
             init=init,
+            checkpoint=checkpoint,
         )
 
     def encode(self, x_rgb: Tensor) -> Tensor:
