@@ -106,6 +106,15 @@ def executed(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path)
     return notebooks, Path(env["DGNETPP_NOTEBOOK_STATE"]), run_dir
 
 
+def assert_rows_match_run(text: str, labels: dict[str, str], run_dir: Path) -> None:
+    """Each stage's table row (label -> mAP, Rank-1 in %) equals the run's test metrics to the printed digit."""
+    results = json.loads((run_dir / "metrics.json").read_text())
+    for stage, label in labels.items():
+        m_ap, rank1 = table_row(text, label)
+        assert m_ap == pytest.approx(100 * results[stage]["test/mAP"], abs=0.051)
+        assert rank1 == pytest.approx(100 * results[stage]["test/Rank-1"], abs=0.051)
+
+
 @pytest.mark.slow
 def test_quickstart_shows_curves_swap_grid_and_metrics_and_hands_over_checkpoints(executed) -> None:
     notebooks, state_file, run_dir = executed
@@ -114,11 +123,7 @@ def test_quickstart_shows_curves_swap_grid_and_metrics_and_hands_over_checkpoint
     assert has_png(tagged_outputs(nb, "swap-grid"))
     table = stdout_of(tagged_outputs(nb, "metrics-table"))
     assert "target mAP" in table and "target Rank-1" in table
-    results = json.loads((run_dir / "metrics.json").read_text())
-    for stage, label in STAGE_LABELS.items():
-        m_ap, rank1 = table_row(table, label)
-        assert m_ap == pytest.approx(100 * results[stage]["test/mAP"], abs=0.051)
-        assert rank1 == pytest.approx(100 * results[stage]["test/Rank-1"], abs=0.051)
+    assert_rows_match_run(table, STAGE_LABELS, run_dir)
     state = json.loads(state_file.read_text())
     assert state["adapt_ckpt"] == str((run_dir / "checkpoints" / "adapt" / "final.ckpt").resolve())
     assert state["source_ckpt"] == str((run_dir / "checkpoints" / "source" / "final.ckpt").resolve())
@@ -143,8 +148,4 @@ def test_retrieval_evaluates_both_checkpoints_and_plots_embedding(executed) -> N
     assert has_png(tagged_outputs(nb, "embedding"))
     # Its own evaluation of the two checkpoints reproduces the metrics of the training run.
     text = "".join(stdout_of(c.outputs) for c in nb.cells if c.cell_type == "code")
-    results = json.loads((run_dir / "metrics.json").read_text())
-    for stage, label in (("source", "before (source only)"), ("adapt", "after (DG-Net++)")):
-        m_ap, rank1 = table_row(text, label)
-        assert m_ap == pytest.approx(100 * results[stage]["test/mAP"], abs=0.051)
-        assert rank1 == pytest.approx(100 * results[stage]["test/Rank-1"], abs=0.051)
+    assert_rows_match_run(text, {"source": "before (source only)", "adapt": "after (DG-Net++)"}, run_dir)

@@ -12,29 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from dgnetpp_pl.checkpoints import load_checkpoint
-from dgnetpp_pl.config import CONF_DIR
-from dgnetpp_pl.train import train
 
 pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 900
-
-
-def tiny_overrides(data_dir: Path) -> list[str]:
-    return ["experiment=demo", "debug=tiny", f"paths.data_dir={data_dir}", "logger=csv", "callbacks.swap_grid=null"]
-
-
-@pytest.fixture(scope="module")
-def source_ckpt(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path) -> Path:
-    """A briefly trained source-stage checkpoint for the adapt runs to start from."""
-    out = tmp_path_factory.mktemp("source")
-    overrides = [*tiny_overrides(synthetic_data_dir), f"paths.output_dir={out}", "stage=source", "test=false"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*overrides, "trainer.limit_train_batches=1"])
-    return Path(train(cfg)["source"]["ckpt"])
 
 
 def cli(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
@@ -83,14 +66,14 @@ def same(x: object, y: object) -> bool:
     return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, synthetic_data_dir, source_ckpt):
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_overrides, tiny_source_ckpt):
     # 4 epochs: warm-up, then self-training with a refresh before each of epochs 1, 2 and 3; the kill comes after
     # the epoch-1 checkpoint, so the resumed process restores labels and RNGs and then refreshes once itself.
     epochs, kill_after = 4, 1
     args = [
-        *tiny_overrides(synthetic_data_dir),
+        *tiny_overrides,
         "stage=adapt",
-        f"init_ckpt={source_ckpt}",
+        f"init_ckpt={tiny_source_ckpt}",
         f"adapt.max_epochs={epochs}",
         "adapt.warmup_epochs=1",
         "pseudo_label.every_n_epochs=1",
@@ -135,11 +118,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, synthetic_da
     assert {k: res_a[k] for k in metrics} == {k: res_b.get(k) for k in metrics}
 
 
-def test_sigterm_saves_last_checkpoint_and_exits_zero_then_resumes(tmp_path, synthetic_data_dir, source_ckpt):
+def test_sigterm_saves_last_checkpoint_and_exits_zero_then_resumes(tmp_path, tiny_overrides, tiny_source_ckpt):
     args = [
-        *tiny_overrides(synthetic_data_dir),
+        *tiny_overrides,
         "stage=adapt",
-        f"init_ckpt={source_ckpt}",
+        f"init_ckpt={tiny_source_ckpt}",
         "adapt.max_epochs=2",
         "adapt.warmup_epochs=1",
         f"hydra.run.dir={tmp_path / 'run'}",
