@@ -17,13 +17,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupt or incompatible; the message names the file."""
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True`` (no arbitrary pickles)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True`` (no arbitrary pickles).
+
+    ``mmap=True`` maps the tensor data instead of reading it: a cheap check of a file that is loaded later.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist; check the path (ckpt_path=, init_ckpt=).")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if refused is None:
@@ -59,13 +62,13 @@ def resolve_resume(ckpt_path: str | None, stage_dir: Path) -> str | None:
         last = stage_dir / "last.ckpt"
         if not last.is_file():
             return None
-        load_checkpoint(last)  # fail early, naming the file, if it is corrupt
+        load_checkpoint(last, mmap=True)  # fail early, naming the file, if it is corrupt
         return str(last)
     path = Path(ckpt_path)
     # An explicit file belongs to the stage whose folder holds it.
     if path.parent.resolve() != stage_dir.resolve():
         return None
-    load_checkpoint(path)  # fail early, naming the file, if it is corrupt
+    load_checkpoint(path, mmap=True)  # fail early, naming the file, if it is corrupt
     return str(path)
 
 
