@@ -40,16 +40,26 @@ N_SRC, CAPACITY, N_CLUSTERS = 6, 5, 4  # masking active in self-training: 6 + 4 
 # rounding, because the GAN terms are computed in float32 by design.
 TOLERANCES = {torch.float32: (1e-4, 1e-5, 1e-2), torch.float64: (1e-7, 1e-9, 1e-10)}
 CASES = [
-    pytest.param(phase, detach_p, torch.float32, True, id=f"{phase}-{branch}-fp32")
+    pytest.param(phase, detach_p, torch.float32, True, "default", id=f"{phase}-{branch}-fp32")
     for phase in ("source", "warmup", "self_training")
     for detach_p, branch in ((0.0, "frozen-encoder"), (1.0, "detached-fake"))
 ] + [
-    pytest.param("self_training", 0.0, torch.float64, True, id="self_training-frozen-encoder-fp64"),
+    pytest.param("self_training", 0.0, torch.float64, True, "default", id="self_training-frozen-encoder-fp64"),
     # Separate no-grad encoder call for the images whose outputs need no gradient (model.appearance.joint_call).
-    pytest.param("source", 0.0, torch.float32, False, id="source-split-call-fp32"),
-    pytest.param("warmup", 1.0, torch.float32, False, id="warmup-split-call-fp32"),
-    pytest.param("self_training", 0.0, torch.float64, False, id="self_training-split-call-fp64"),
+    pytest.param("source", 0.0, torch.float32, False, "default", id="source-split-call-fp32"),
+    pytest.param("warmup", 1.0, torch.float32, False, "default", id="warmup-split-call-fp32"),
+    pytest.param("self_training", 0.0, torch.float64, False, "default", id="self_training-split-call-fp64"),
+    # Every memory option on (checkpointed encoders and decoder) against plain networks: fused decoder paths
+    # off, nothing recomputed.
+    pytest.param("source", 0.0, torch.float64, False, "lowmem", id="source-lowmem-vs-plain-fp64"),
+    pytest.param("self_training", 1.0, torch.float32, True, "lowmem", id="self_training-lowmem-vs-plain-fp32"),
 ]
+MEMORY_OPTIONS = {
+    "default": {},
+    "lowmem": {"appearance": {"checkpoint": True}, "structure": {"checkpoint": True}, "decoder": {"checkpoint": True}},
+}
+PLAIN = {"appearance": {"checkpoint": False}, "structure": {"checkpoint": False}}
+PLAIN["decoder"] = {"checkpoint": False, "fused": False}
 
 
 def _load_reference():
@@ -162,13 +172,21 @@ ABSENT_TERMS = {
 }
 
 
-@pytest.mark.parametrize(("phase", "detach_p", "dtype", "joint_call"), CASES)
+def _with(cfg: dict, options: dict) -> dict:
+    cfg = copy.deepcopy(cfg)
+    for group, values in options.items():
+        cfg[group].update(values)
+    return cfg
+
+
+@pytest.mark.parametrize(("phase", "detach_p", "dtype", "joint_call", "memory"), CASES)
 def test_optimised_iteration_equals_reference(
     small_cfg: dict,
     phase: str,
     detach_p: float,
     dtype: torch.dtype,
     joint_call: bool,
+    memory: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Every D and G loss term and the gradients of D_img, D_dom, G_a, G_b and E_app agree."""
@@ -176,7 +194,10 @@ def test_optimised_iteration_equals_reference(
     cfg = copy.deepcopy(small_cfg)
     cfg["loss"]["structure_detach_p"] = detach_p
     w = cfg["loss"]
-    module = _build(cfg, phase, dtype)
+    module = _build(_with(cfg, MEMORY_OPTIONS[memory]), phase, dtype)
+    # The reference runs on plain networks with the same weights (the same networks unless memory options are on).
+    plain = module if memory == "default" else _build(_with(cfg, PLAIN), phase, dtype)
+    plain.load_state_dict(module.state_dict())
     pair, flags = module._pair_from_batch(_batch(module.stage, torch.Generator().manual_seed(1), dtype))
     monkeypatch.setattr(objective, "random_erasing", fixed_erase)
 
@@ -191,7 +212,7 @@ def test_optimised_iteration_equals_reference(
         )
     g_ours = objective.generator_losses(fwd, pair, flags, module.d_img, module.d_dom, w)
     d_ref, g_ref = ref.reference_losses(
-        ref.Nets.from_module(module), pair, flags, w, erase=fixed_erase, structure_detached=detach_p >= 1.0
+        ref.Nets.from_module(plain), pair, flags, w, erase=fixed_erase, structure_detached=detach_p >= 1.0
     )
 
     assert EXPECTED_TERMS[phase] <= g_ours.keys()
@@ -209,12 +230,16 @@ def test_optimised_iteration_equals_reference(
                 msg=lambda m, k=key: f"{phase} {k}: {m}",
             )
 
-    d_nets = {"d_img": module.d_img, "d_dom": module.d_dom}
+    def d_nets(m: DGNetPP) -> dict[str, nn.Module | None]:
+        return {"d_img": m.d_img, "d_dom": m.d_dom}
+
+    def g_nets(m: DGNetPP) -> dict[str, nn.Module | None]:
+        return {"gen_a": m.gen_a, "gen_b": m.gen_b, "e_app": m.e_app}
+
     d_total_ours = d_ours["d_img_total"] + d_ours.get("d_dom", 0.0)
     d_total_ref = d_ref["d_img_total"] + d_ref.get("d_dom", 0.0)
-    d_grads = _backward(module, d_total_ours, d_nets)
-    _assert_grads_equal(d_grads, _backward(module, d_total_ref, d_nets), grad_tol)
+    d_grads = _backward(module, d_total_ours, d_nets(module))
+    _assert_grads_equal(d_grads, _backward(plain, d_total_ref, d_nets(plain)), grad_tol)
 
-    g_nets = {"gen_a": module.gen_a, "gen_b": module.gen_b, "e_app": module.e_app}
-    g_grads = _backward(module, g_ours["g_total"], g_nets)
-    _assert_grads_equal(g_grads, _backward(module, g_ref["g_total"], g_nets), grad_tol)
+    g_grads = _backward(module, g_ours["g_total"], g_nets(module))
+    _assert_grads_equal(g_grads, _backward(plain, g_ref["g_total"], g_nets(plain)), grad_tol)

@@ -72,6 +72,7 @@ class AppearanceConfig:
     parts: int = 4
     detach_code: bool = True
     joint_call: bool = True
+    checkpoint: bool = False
 
 
 @dataclass
@@ -81,6 +82,7 @@ class StructureConfig:
     n_res: int = 4
     # ASPP dilations; each must be smaller than the structure code's sides (H/4, W/4).
     aspp_dilations: list[int] = field(default_factory=lambda: [3, 6, 9])
+    checkpoint: bool = False
 
 
 @dataclass
@@ -88,6 +90,7 @@ class DecoderConfig:
     n_res: int = 4
     mlp_dim: int = 512
     checkpoint: bool = False
+    fused: bool = True
 
 
 @dataclass

@@ -68,12 +68,14 @@ class DGNetPP(pl.LightningModule):
             droprates=tuple(a["droprates"]),
             parts=a["parts"],
             detach_code=a["detach_code"],
+            checkpoint=a.get("checkpoint", False),
         )
         s, d = model["structure"], model["decoder"]
         gen_kw = dict(
             dim=s["dim"], n_downsample=s["n_downsample"], n_res=s["n_res"], code_dim=self.e_app.code_dim,
             mlp_dim=d["mlp_dim"], aspp_dilations=tuple(s.get("aspp_dilations", (3, 6, 9))),
-            checkpoint=d.get("checkpoint", False),
+            checkpoint=d.get("checkpoint", False), fused=d.get("fused", True),
+            checkpoint_structure=s.get("checkpoint", False),
         )  # fmt: skip
         if d["n_res"] != s["n_res"]:
             raise ValueError("model.decoder.n_res must equal model.structure.n_res (one AdaIN block per code chunk)")

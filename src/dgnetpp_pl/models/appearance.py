@@ -12,6 +12,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from dgnetpp_pl.models.recompute import checkpoint_chain
+
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
@@ -91,7 +93,8 @@ class AppearanceEncoder(nn.Module):
     """ResNet appearance encoder `(B, 3, H, W)` -> `AppearanceOutput` (8192-d code, 2048-d feat for resnet50).
 
     `pretrained=True` downloads (or reads from the torch hub cache) the ImageNet weights; the heads are
-    separate from the backbone so the optimiser can give them a larger learning rate.
+    separate from the backbone so the optimiser can give them a larger learning rate. With `checkpoint`, the
+    trunk keeps only the input of each stage for backward and recomputes the rest (`recompute`).
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class AppearanceEncoder(nn.Module):
         droprates: Sequence[float] = (0.5, 0.75),
         parts: int = 4,
         detach_code: bool = True,
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if last_stride not in (1, 2):
@@ -119,6 +123,7 @@ class AppearanceEncoder(nn.Module):
         self._feature_dim = resnet.fc.in_features
         self.parts = parts
         self.detach_code = detach_code
+        self.checkpoint = checkpoint
         self.bottleneck_dim = bottleneck_dim
         self.head1 = ClassBlock(self._feature_dim, num_classes, bottleneck_dim, droprates[0])
         self.head2 = ClassBlock(self._feature_dim, num_classes, bottleneck_dim, droprates[1])
@@ -151,6 +156,10 @@ class AppearanceEncoder(nn.Module):
         """Last-stage map: `(B, 3, H, W) -> (B, C, H/16, W/16)` with last stride 1."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"AppearanceEncoder expects (B, 3, H, W), got shape {tuple(x.shape)}")
+        if self.checkpoint:
+            b = self.backbone
+            stages = [[b.conv1, b.bn1, b.relu, b.maxpool, b.layer1], [b.layer2], [b.layer3], [b.layer4]]
+            return checkpoint_chain(stages, x)
         return self.backbone(x)
 
     def backbone_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

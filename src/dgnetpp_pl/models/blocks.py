@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dgnetpp_pl.models.fused_norms import adain_act, layer_norm_act
+
 PAD_TYPES = ("reflect", "zero")
 NORMS = ("none", "in", "ln", "adain", "bn")
 ACTIVATIONS = ("lrelu", "relu", "none")
@@ -52,12 +54,13 @@ class LayerNorm(nn.Module):
             self.beta = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        """`(B, C, H, W) -> (B, C, H, W)`; statistics in fp32 so bf16 autocast stays accurate."""
-        flat = x.float().reshape(x.shape[0], -1)
+        """`(B, C, H, W) -> (B, C, H, W)`; statistics in at least fp32 so bf16 autocast stays accurate."""
+        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        flat = wide.reshape(x.shape[0], -1)
         shape = (-1,) + (1,) * (x.dim() - 1)
         mean = flat.mean(1).view(shape)
         std = flat.std(1).view(shape)
-        out = ((x.float() - mean) / (std + self.eps)).to(x.dtype)
+        out = ((wide - mean) / (std + self.eps)).to(x.dtype)
         if self.affine:
             shape = (1, -1) + (1,) * (x.dim() - 2)
             out = out * self.gamma.view(shape) + self.beta.view(shape)
@@ -85,6 +88,15 @@ class AdaptiveInstanceNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
+
+
+def _slope(activation: nn.Module) -> float | None:
+    """The leaky-ReLU slope equal to `activation` (ReLU 0, identity 1), or None for anything else."""
+    if isinstance(activation, nn.LeakyReLU):
+        return float(activation.negative_slope)
+    if isinstance(activation, nn.ReLU):
+        return 0.0
+    return 1.0 if isinstance(activation, nn.Identity) else None
 
 
 def _make_norm(norm: str, channels: int) -> nn.Module:
@@ -122,13 +134,24 @@ class Conv2dBlock(nn.Module):
         self.norm = _make_norm(norm, out_ch)
         self.activation = make_activation(activation)
         self.is_adain = norm == "adain"
+        self.pad_type = pad_type
+        # LayerNorm / AdaIN + activation as one autograd function (same values, fewer stored activations).
+        self.fused = False
 
     def forward(self, x: Tensor, adain: AdaINParams | None = None) -> Tensor:
         """`(B, in_ch, H, W) -> (B, out_ch, H', W')`; `adain=(gamma, beta)` is required for the AdaIN norm."""
-        x = self.conv(self.pad(x))
+        return self.finish(self.conv(self.pad(x)), adain)
+
+    def finish(self, x: Tensor, adain: AdaINParams | None = None) -> Tensor:
+        """The norm and activation applied to an already convolved `x` (for fused conv paths)."""
+        slope = _slope(self.activation) if self.fused else None
+        if slope is not None and isinstance(self.norm, LayerNorm) and self.norm.affine:
+            return layer_norm_act(x, self.norm.gamma, self.norm.beta, self.norm.eps, slope)
         if self.is_adain:
             if adain is None:
                 raise ValueError("Conv2dBlock with norm='adain' needs adain=(gamma, beta) in forward")
+            if slope is not None:
+                return adain_act(x, adain[0], adain[1], self.norm.eps, slope)
             x = self.norm(x, *adain)
         elif adain is not None:
             raise ValueError("Conv2dBlock: adain parameters were given but this block's norm is not 'adain'")

@@ -11,6 +11,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from dgnetpp_pl.models.blocks import MLP, AdaINParams, AdaINResBlock, Conv2dBlock, init_weights
+from dgnetpp_pl.models.upsample_conv import upsample_conv2d
 
 
 class Decoder(nn.Module):
@@ -20,7 +21,10 @@ class Decoder(nn.Module):
     Conv3x3, Conv3x3 and Conv1x1 to `out_ch`, with no output activation. The code is split into `n_res`
     consecutive chunks; chunk k feeds one weight MLP (AdaIN gamma) and one bias MLP (AdaIN beta) that
     drive the two AdaIN layers of ResBlock k. The upsampling factor is f = 2**n_upsample. With `checkpoint`,
-    the upsampling layers are recomputed in backward rather than keeping their activations.
+    the upsampling layers are recomputed in backward rather than keeping their activations. With `fused`,
+    each nearest upsampling and the convolution after it run as one convolution on the low-resolution map
+    (about a third of the multiply-adds; `upsample_conv`), and each LayerNorm or AdaIN with its activation
+    runs as one autograd function that stores one tensor (`fused_norms`). Same results either way.
     """
 
     def __init__(
@@ -36,6 +40,7 @@ class Decoder(nn.Module):
         pad: str = "reflect",
         init: str = "kaiming",
         checkpoint: bool = False,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         if n_res < 1 or code_dim % n_res:
@@ -47,6 +52,7 @@ class Decoder(nn.Module):
         self.n_res = n_res
         self.chunk_dim = code_dim // n_res
         self.checkpoint = checkpoint
+        self.fused = fused
         self.res_blocks = nn.ModuleList(AdaINResBlock(content_dim, activ, pad) for _ in range(n_res))
         layers: list[nn.Module] = []
         width = content_dim
@@ -62,6 +68,9 @@ class Decoder(nn.Module):
             Conv2dBlock(width, out_ch, 1, 1, 0, norm="none", activation="none", pad_type=pad),
         ]
         self.upsample = nn.Sequential(*layers)
+        for layer in self.modules():
+            if isinstance(layer, Conv2dBlock):
+                layer.fused = fused
         # Each MLP outputs the parameters of the two AdaIN layers of one ResBlock.
         self.mlp_w = nn.ModuleList(
             MLP(self.chunk_dim, 2 * content_dim, mlp_dim, mlp_layers, activ) for _ in range(n_res)
@@ -100,5 +109,20 @@ class Decoder(nn.Module):
             x = block(x, params)
         if self.checkpoint and torch.is_grad_enabled():
             # The full-resolution layers hold most of the activations: recompute them in backward instead.
-            return torch.utils.checkpoint.checkpoint(self.upsample, x, use_reentrant=False)
-        return self.upsample(x)
+            return torch.utils.checkpoint.checkpoint(self._upsample, x, use_reentrant=False)
+        return self._upsample(x)
+
+    def _upsample(self, x: Tensor) -> Tensor:
+        """`self.upsample` in order; with `fused` each (Upsample, Conv2dBlock) pair runs fused."""
+        layers = list(self.upsample)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if self.fused and isinstance(layer, nn.Upsample) and i + 1 < len(layers):
+                block = layers[i + 1]
+                x = block.finish(upsample_conv2d(x, block.conv.weight, block.conv.bias, block.pad_type))
+                i += 2
+            else:
+                x = layer(x)
+                i += 1
+        return x

@@ -29,6 +29,8 @@ class Generator(nn.Module):
         aspp_dilations: Sequence[int] = (3, 6, 9),
         init: str = "kaiming",
         checkpoint: bool = False,
+        fused: bool = True,
+        checkpoint_structure: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = StructureEncoder(
@@ -40,6 +42,7 @@ class Generator(nn.Module):
             pad=pad,
             aspp_dilations=aspp_dilations,
             init=init,
+            checkpoint=checkpoint_structure,
         )
         self.decoder = Decoder(
             content_dim=self.encoder.out_dim,
@@ -53,6 +56,7 @@ class Generator(nn.Module):
             pad=pad,
             init=init,
             checkpoint=checkpoint,
+            fused=fused,
         )
 
     def encode(self, x_rgb: Tensor) -> Tensor:

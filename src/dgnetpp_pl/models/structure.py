@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from dgnetpp_pl.models.blocks import ASPP, Conv2dBlock, ResBlocks, init_weights
+from dgnetpp_pl.models.recompute import checkpoint_chain
 
 
 def to_gray(x: Tensor) -> Tensor:
@@ -20,7 +21,8 @@ class StructureEncoder(nn.Module):
     """Gray image `(B, in_ch, H, W)` -> structure code `(B, out_dim, H / k, W / k)`, k = 2**n_downsample.
 
     With dim d and n_downsample 2: convs d (stride 2), 2d, 2d, 4d (stride 2), `n_res` ResBlocks(4d) and
-    ASPP(4d) -> 8d channels, i.e. 128x64x32 for the paper's d=16 at 256x128.
+    ASPP(4d) -> 8d channels, i.e. 128x64x32 for the paper's d=16 at 256x128. With `checkpoint`, backward
+    recomputes the encoder from its 1-channel input instead of storing its activations.
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class StructureEncoder(nn.Module):
         norm: str = "in",
         aspp_dilations: Sequence[int] = (3, 6, 9),
         init: str = "kaiming",
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if n_downsample < 1:
@@ -51,6 +54,7 @@ class StructureEncoder(nn.Module):
         layers.append(ASPP(width, norm=norm, activation=activ, pad_type=pad, dilations=aspp_dilations))
         self.model = nn.Sequential(*layers)
         self._out_dim = 2 * width
+        self.checkpoint = checkpoint
         init_weights(self, init)
 
     @property
@@ -59,4 +63,6 @@ class StructureEncoder(nn.Module):
         return self._out_dim
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.checkpoint:
+            return checkpoint_chain([list(self.model)], x)
         return self.model(x)
