@@ -21,7 +21,7 @@ class Decoder(nn.Module):
     Conv3x3, Conv3x3 and Conv1x1 to `out_ch`, with no output activation. The code is split into `n_res`
     consecutive chunks; chunk k feeds one weight MLP (AdaIN gamma) and one bias MLP (AdaIN beta) that
     drive the two AdaIN layers of ResBlock k. The upsampling factor is f = 2**n_upsample. With `checkpoint`,
-    the upsampling layers are recomputed in backward rather than keeping their activations. With `fused`,
+    backward recomputes the decoder from its inputs rather than keeping its activations. With `fused`,
     each nearest upsampling and the convolution after it run as one convolution on the low-resolution map
     (about a third of the multiply-adds; `upsample_conv`), and each LayerNorm or AdaIN with its activation
     runs as one autograd function that stores one tensor (`fused_norms`). Same results either way.
@@ -104,12 +104,15 @@ class Decoder(nn.Module):
             )
         if structure.shape[0] != code.shape[0]:
             raise ValueError(f"Decoder: batch sizes differ (structure {structure.shape[0]}, code {code.shape[0]})")
+        if self.checkpoint and torch.is_grad_enabled():
+            # Keep only the inputs; backward recomputes the whole decoder (its forward is ~1/3 of its cost).
+            return torch.utils.checkpoint.checkpoint(self._decode, structure, code, use_reentrant=False)
+        return self._decode(structure, code)
+
+    def _decode(self, structure: Tensor, code: Tensor) -> Tensor:
         x = structure
         for block, params in zip(self.res_blocks, self.adain_params(code), strict=True):
             x = block(x, params)
-        if self.checkpoint and torch.is_grad_enabled():
-            # The full-resolution layers hold most of the activations: recompute them in backward instead.
-            return torch.utils.checkpoint.checkpoint(self._upsample, x, use_reentrant=False)
         return self._upsample(x)
 
     def _upsample(self, x: Tensor) -> Tensor:
