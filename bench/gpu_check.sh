@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check (about 6-8 minutes): training-step benchmark at fp32 and bf16, then a short bf16-mixed
+# One-shot GPU check (about 7-9 minutes): training-step benchmark at fp32 and bf16, then a short bf16-mixed
 # training run of the demo. Every part runs even if an earlier one fails; all output goes to $OUT.
 #
 #   bash bench/gpu_check.sh --prepare   # here, once: stage the Python packages the GPU image lacks
@@ -12,7 +12,7 @@
 # Nothing is written outside the repository: the project runs from src/ through PYTHONPATH (no pip install
 # into the system), packages go to bench/results/gpu_site, the demo's data and logs to data/ and outputs/.
 # Files in $OUT (at most 8): gpu_check.log, summary.txt, bench_fp32.{txt,json}, bench_bf16.{txt,json},
-# train_bf16.log.
+# bench_fp32_lowmem.txt, train_bf16.log.
 
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -81,6 +81,10 @@ for prec in fp32 bf16; do
         --baseline-iters 20 --json "$OUT/bench_$prec.json" 2>&1 | tee "$OUT/bench_$prec.txt"
     RC[bench_$prec]=$?
 done
+# The memory-saving preset at fp32, for the <= 10 GB peak GPU memory goal.
+timeout 130 $PY bench/train_step.py --model dgnetpp_lowmem --device cuda --in-process --iters 3 --warmup 1 \
+    --baseline-iters 10 2>&1 | tee "$OUT/bench_fp32_lowmem.txt"
+RC[bench_fp32_lowmem]=$?
 
 # ------------------------------------------------------------------ short bf16-mixed training of the demo
 timeout 170 $PY -m dgnetpp_pl experiment=demo trainer=gpu trainer.precision=bf16-mixed \
@@ -97,7 +101,7 @@ fi
 set +x
 {
     echo "gpu_check finished in $(($(date +%s) - START)) s (exit codes; 124 = timed out)"
-    for part in packages bench_fp32 bench_bf16 train_bf16 train_bf16_clean; do
+    for part in packages bench_fp32 bench_bf16 bench_fp32_lowmem train_bf16 train_bf16_clean; do
         echo "$part: ${RC[$part]:-not run}"
     done
     grep -hE "^(source|warmup|self_training): official" "$OUT"/bench_*.txt 2>/dev/null
