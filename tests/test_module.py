@@ -175,7 +175,6 @@ def test_overfitting_a_fixed_batch_lowers_reconstruction_and_cycle():
         s_swapped = model.gen_a.encode(model.gen_a.decode(s[i], code[j]))
     d_struct = (s_swapped - s[i]).abs().flatten(1).mean(1)
     d_app = (s_swapped - s[j]).abs().flatten(1).mean(1)
-    print(f"structure distance {d_struct.mean():.3f}, appearance-donor distance {d_app.mean():.3f}")
     assert d_struct.mean() < d_app.mean()
     assert (d_struct < d_app).float().mean() >= 0.75
 

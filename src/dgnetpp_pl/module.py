@@ -74,7 +74,7 @@ class DGNetPP(pl.LightningModule):
         gen_kw = dict(
             dim=s["dim"], n_downsample=s["n_downsample"], n_res=s["n_res"], code_dim=self.e_app.code_dim,
             mlp_dim=d["mlp_dim"], aspp_dilations=tuple(s.get("aspp_dilations", (3, 6, 9))),
-            checkpoint=d.get("checkpoint", False), fused=d.get("fused", True),
+            checkpoint_decoder=d.get("checkpoint", False), fused=d.get("fused", True),
             checkpoint_structure=s.get("checkpoint", False),
         )  # fmt: skip
         if d["n_res"] != s["n_res"]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgnetpp_pl.models.fused_norms import adain_act, layer_norm_act
+from dgnetpp_pl.models.fused_norms import adain_act, layer_norm_act, widen
 
 PAD_TYPES = ("reflect", "zero")
 NORMS = ("none", "in", "ln", "adain", "bn")
@@ -55,7 +55,7 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """`(B, C, H, W) -> (B, C, H, W)`; statistics in at least fp32 so bf16 autocast stays accurate."""
-        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        wide = widen(x)
         flat = wide.reshape(x.shape[0], -1)
         shape = (-1,) + (1,) * (x.dim() - 1)
         mean = flat.mean(1).view(shape)

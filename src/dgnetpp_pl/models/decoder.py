@@ -52,7 +52,6 @@ class Decoder(nn.Module):
         self.n_res = n_res
         self.chunk_dim = code_dim // n_res
         self.checkpoint = checkpoint
-        self.fused = fused
         self.res_blocks = nn.ModuleList(AdaINResBlock(content_dim, activ, pad) for _ in range(n_res))
         layers: list[nn.Module] = []
         width = content_dim
@@ -68,9 +67,7 @@ class Decoder(nn.Module):
             Conv2dBlock(width, out_ch, 1, 1, 0, norm="none", activation="none", pad_type=pad),
         ]
         self.upsample = nn.Sequential(*layers)
-        for layer in self.modules():
-            if isinstance(layer, Conv2dBlock):
-                layer.fused = fused
+        self.fused = fused
         # Each MLP outputs the parameters of the two AdaIN layers of one ResBlock.
         self.mlp_w = nn.ModuleList(
             MLP(self.chunk_dim, 2 * content_dim, mlp_dim, mlp_layers, activ) for _ in range(n_res)
@@ -79,6 +76,18 @@ class Decoder(nn.Module):
             MLP(self.chunk_dim, 2 * content_dim, mlp_dim, mlp_layers, activ) for _ in range(n_res)
         )
         init_weights(self, init)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused upsampling and norm paths run (kept in step with every Conv2dBlock)."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self._fused = bool(value)
+        for layer in self.modules():
+            if isinstance(layer, Conv2dBlock):
+                layer.fused = self._fused
 
     def adain_params(self, code: Tensor) -> list[tuple[AdaINParams, AdaINParams]]:
         """Per-ResBlock ((gamma1, beta1), (gamma2, beta2)), each `(B, content_dim)`, from `(B, code_dim)`.
@@ -117,15 +126,11 @@ class Decoder(nn.Module):
 
     def _upsample(self, x: Tensor) -> Tensor:
         """`self.upsample` in order; with `fused` each (Upsample, Conv2dBlock) pair runs fused."""
-        layers = list(self.upsample)
-        i = 0
-        while i < len(layers):
-            layer = layers[i]
-            if self.fused and isinstance(layer, nn.Upsample) and i + 1 < len(layers):
-                block = layers[i + 1]
+        layers = iter(self.upsample)
+        for layer in layers:
+            if self.fused and isinstance(layer, nn.Upsample):
+                block = next(layers)  # every Upsample is followed by its Conv2dBlock
                 x = block.finish(upsample_conv2d(x, block.conv.weight, block.conv.bias, block.pad_type))
-                i += 2
             else:
                 x = layer(x)
-                i += 1
         return x

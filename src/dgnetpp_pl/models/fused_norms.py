@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
-def _wide(t: Tensor) -> Tensor:
+def widen(t: Tensor) -> Tensor:
     """fp16/bf16 up to fp32 for the statistics; fp32 and fp64 as they are."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
@@ -30,11 +30,11 @@ class _LayerNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, gamma: Tensor, beta: Tensor, eps: float, slope: float) -> Tensor:  # type: ignore[override]
         sample, channel = _shapes(x)
-        xf = _wide(x)
+        xf = widen(x)
         flat = xf.reshape(x.shape[0], -1)
         std = flat.std(1)
         xhat = (xf - flat.mean(1).view(sample)) / (std + eps).view(sample)
-        y = torch.addcmul(_wide(beta).view(channel), xhat, _wide(gamma).view(channel))
+        y = torch.addcmul(widen(beta).view(channel), xhat, widen(gamma).view(channel))
         if slope != 1.0:
             y = torch.where(y > 0, y, y * slope)
         ctx.save_for_backward(xhat, std, gamma, beta)
@@ -46,14 +46,14 @@ class _LayerNormAct(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
         xhat, std, gamma, beta = ctx.saved_tensors
         sample, channel = _shapes(xhat)
-        g = _wide(grad)
+        g = widen(grad)
         if ctx.slope != 1.0:
-            pre = torch.addcmul(_wide(beta).view(channel), xhat, _wide(gamma).view(channel))
+            pre = torch.addcmul(widen(beta).view(channel), xhat, widen(gamma).view(channel))
             g = torch.where(pre > 0, g, g * ctx.slope)
         reduce_dims = [0] + list(range(2, xhat.dim()))
         d_gamma = (g * xhat).sum(reduce_dims)
         d_beta = g.sum(reduce_dims)
-        gx = g * _wide(gamma).view(channel)
+        gx = g * widen(gamma).view(channel)
         b = xhat.shape[0]
         n = xhat[0].numel()
         mean_g = gx.reshape(b, -1).mean(1).view(sample)
@@ -80,13 +80,13 @@ def layer_norm_act(x: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5, sl
 class _AdaINAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, gamma: Tensor, beta: Tensor, eps: float, slope: float) -> Tensor:  # type: ignore[override]
-        xf = _wide(x)
+        xf = widen(x)
         dims = tuple(range(2, x.dim()))
         var, mean = torch.var_mean(xf, dim=dims, keepdim=True, correction=0)
         rstd = torch.rsqrt(var + eps)
         xhat = (xf - mean) * rstd
         affine = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-        y = torch.addcmul(_wide(beta).reshape(affine), xhat, _wide(gamma).reshape(affine))
+        y = torch.addcmul(widen(beta).reshape(affine), xhat, widen(gamma).reshape(affine))
         if slope != 1.0:
             y = torch.where(y > 0, y, y * slope)
         ctx.save_for_backward(xhat, rstd, gamma, beta)
@@ -99,13 +99,13 @@ class _AdaINAct(torch.autograd.Function):
         xhat, rstd, gamma, beta = ctx.saved_tensors
         affine = rstd.shape
         dims = tuple(range(2, xhat.dim()))
-        g = _wide(grad)
+        g = widen(grad)
         if ctx.slope != 1.0:
-            pre = torch.addcmul(_wide(beta).reshape(affine), xhat, _wide(gamma).reshape(affine))
+            pre = torch.addcmul(widen(beta).reshape(affine), xhat, widen(gamma).reshape(affine))
             g = torch.where(pre > 0, g, g * ctx.slope)
         d_gamma = (g * xhat).sum(dims)
         d_beta = g.sum(dims)
-        gx = g * _wide(gamma).reshape(affine)
+        gx = g * widen(gamma).reshape(affine)
         # Instance norm backward with the biased variance: (gx - mean(gx) - xhat * mean(gx * xhat)) / sigma.
         dx = (gx - gx.mean(dims, keepdim=True) - xhat * (gx * xhat).mean(dims, keepdim=True)) * rstd
         return dx.to(ctx.dtype), d_gamma.to(gamma.dtype), d_beta.to(beta.dtype), None, None

@@ -28,7 +28,7 @@ class Generator(nn.Module):
         pad: str = "reflect",
         aspp_dilations: Sequence[int] = (3, 6, 9),
         init: str = "kaiming",
-        checkpoint: bool = False,
+        checkpoint_decoder: bool = False,
         fused: bool = True,
         checkpoint_structure: bool = False,
     ) -> None:
@@ -55,7 +55,7 @@ class Generator(nn.Module):
             activ=activ,
             pad=pad,
             init=init,
-            checkpoint=checkpoint,
+            checkpoint=checkpoint_decoder,
             fused=fused,
         )
 
