@@ -62,6 +62,40 @@ def set_threads(n: int) -> None:
     faiss.omp_set_num_threads(n)
 
 
+class FlopCount:
+    """``with FlopCount() as f: ...`` then ``f.total``: floating-point operations the code ran (2 per multiply-add).
+
+    Counts every matrix product and convolution torch dispatches, forward and backward, with torch's own
+    per-op formulas (``torch.utils.flop_counter``); double backward and frozen passes count as run. Not
+    counted: elementwise work, and the forward that activation checkpointing recomputes in backward (the
+    mode does not see it). A plain dispatch mode, so ``torch.autograd.grad`` works inside it
+    (``FlopCounterMode``'s module tracking does not allow that).
+    """
+
+    def __enter__(self) -> FlopCount:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry
+
+        counter = self
+        self.total = 0
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                formula = flop_registry.get(func._overloadpacket)
+                if formula is not None:
+                    counter.total += int(formula(*args, **kwargs, out_val=out))
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+
+
 def run_worker(script: str | Path, case: str, *args: str, timeout: float = 1800) -> dict:
     """Run ``python script --worker case *args`` in a fresh process; return the JSON dict it prints last."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

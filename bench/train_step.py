@@ -30,7 +30,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "src"), str(HERE)]  # works from a checkout without `pip install -e .`
 
-from _common import emit, print_table, run_worker  # noqa: E402
+from _common import FlopCount, emit, print_table, run_worker  # noqa: E402
 
 PHASES = ("source", "warmup", "self_training")
 PATHS = ("ours", "ref")
@@ -278,7 +278,8 @@ def step_worker(case: str, args: argparse.Namespace) -> dict:
         return _ref_iteration(module, pair, flags, named, scheds, args)
 
     counter = PassCounter(module)
-    first = once()  # the first warm-up iteration also counts the passes
+    with FlopCount() as flops:
+        first = once()  # the first warm-up iteration also counts the passes and the floating-point work
     counter.remove()
     for _ in range(args.warmup - 1):
         once()
@@ -290,6 +291,7 @@ def step_worker(case: str, args: argparse.Namespace) -> dict:
         "case": case,
         **{k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys},
         "first_s": first["total_s"],
+        "gflop": flops.total / 1e9,
         "passes": counter.summary(),
         "deep_copies": int(first.get("deep_copies", 0)),
         "threads": torch.get_num_threads(),
@@ -301,35 +303,45 @@ def step_worker(case: str, args: argparse.Namespace) -> dict:
 
 
 def baseline_worker(args: argparse.Namespace) -> dict:
-    """Warm torchvision ResNet-50 forward + backward, batch 8, 256x128 (median of ``args.baseline_iters``)."""
+    """Warm torchvision ResNet-50 forward + backward, batch 8, 256x128 (median of ``args.baseline_iters``).
+
+    The baseline is the plain (contiguous) network; with ``--channels-last`` a channels-last ResNet-50 is timed
+    as well (``cl_total_s``), since that format speeds ResNet-50 too.
+    """
     import torch
     import torchvision
 
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).to(args.device).train()
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    x = torch.randn(8, 3, 256, 128, device=args.device).contiguous(memory_format=fmt)
-    y = torch.randint(1000, (8,), device=args.device)
+    def measure(fmt: torch.memory_format) -> dict:
+        torch.manual_seed(0)
+        model = torchvision.models.resnet50(weights=None).to(args.device).train().to(memory_format=fmt)
+        x = torch.randn(8, 3, 256, 128, device=args.device).contiguous(memory_format=fmt)
+        y = torch.randint(1000, (8,), device=args.device)
 
-    def once() -> tuple[float, float]:
-        c0, t0 = time.process_time(), time.perf_counter()
-        with _autocast(args.device, args.precision):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        _sync(args.device)
-        return time.perf_counter() - t0, time.process_time() - c0
+        def once() -> tuple[float, float]:
+            c0, t0 = time.process_time(), time.perf_counter()
+            with _autocast(args.device, args.precision):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            _sync(args.device)
+            return time.perf_counter() - t0, time.process_time() - c0
 
-    for _ in range(3):
-        once()
-    runs = [once() for _ in range(args.baseline_iters)]
-    return {
-        "case": "baseline",
-        "total_s": statistics.median(r[0] for r in runs),
-        "cpu_s": statistics.median(r[1] for r in runs),
-        "threads": torch.get_num_threads(),
-    }
+        with FlopCount() as flops:
+            once()
+        for _ in range(2):
+            once()
+        runs = [once() for _ in range(args.baseline_iters)]
+        return {
+            "gflop": flops.total / 1e9,
+            "total_s": statistics.median(r[0] for r in runs),
+            "cpu_s": statistics.median(r[1] for r in runs),
+        }
+
+    result = {"case": "baseline", **measure(torch.contiguous_format), "threads": torch.get_num_threads()}
+    if args.channels_last:
+        cl = measure(torch.channels_last)
+        result["cl_total_s"], result["cl_cpu_s"] = cl["total_s"], cl["cpu_s"]
+    return result
 
 
 def run_case(case: str, args: argparse.Namespace) -> dict:
@@ -368,11 +380,14 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
     base = results["baseline"]
     cuda = args.device.startswith("cuda")
     header = ["phase", "path", "iter s", "CPU s", "forward s", "D step s", "G step s", "re-encode s"]
-    header += ["x ResNet-50", "x (CPU)"] + (["it/s", "GPU peak GB"] if cuda else []) + ["peak RSS GB"]
+    cl = "cl_total_s" in base
+    header += ["x ResNet-50", "x (CPU)"] + (["x channels-last ResNet-50"] if cl else [])
+    header += (["it/s", "GPU peak GB"] if cuda else []) + ["peak RSS GB"]
     rows = []
     for phase, path, r in _rows(results, args):
         row = [phase, path, r["total_s"], r["cpu_s"], r.get("forward_s", "-"), r["d_step_s"], r["g_step_s"]]
         row += [r.get("reencode_s", 0.0), r["total_s"] / base["total_s"], r["cpu_s"] / base["cpu_s"]]
+        row += [r["total_s"] / base["cl_total_s"]] if cl else []
         row += [1.0 / r["total_s"], r.get("gpu_peak_gb", 0.0)] if cuda else []
         rows.append([*row, r["peak_rss_gb"]])
     where = base.get("gpu_name") or f"{args.device}, {args.threads} threads"
@@ -388,7 +403,9 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
     )
     print(
         f"Baseline: warm ResNet-50 forward+backward, batch 8, 256x128: {base['total_s']:.3f} s wall, "
-        f"{base['cpu_s']:.3f} s CPU (median of {args.baseline_iters}).\n"
+        f"{base['cpu_s']:.3f} s CPU (median of {args.baseline_iters})"
+        + (f"; channels-last: {base['cl_total_s']:.3f} s wall" if cl else "")
+        + ".\n"
         "ours: forward = the shared forward_pair (re-encoding included); D and G steps include backward and\n"
         "optimiser steps. ref: the D step re-runs its own forward. CPU s counts all threads (steadier than\n"
         "wall time on a shared machine)."
@@ -405,6 +422,24 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
         "The structure re-encoding branch is a coin (structure_detach_p): 'E_str frozen' shows the branch\n"
         f"the counted iteration drew. For comparison, {OFFICIAL}."
     )
+    work_rows = []
+    for phase, path, r in _rows(results, args):
+        if "gflop" in r:
+            rate, time_ratio = r["gflop"] / r["total_s"], r["total_s"] / base["total_s"]
+            work_rows.append([phase, path, r["gflop"], r["gflop"] / base["gflop"], rate, time_ratio])
+    if work_rows and "gflop" in base:
+        base_rate = base["gflop"] / base["total_s"]
+        print_table(
+            "Work in one iteration: convolutions and matrix products, forward and backward, as run",
+            ["phase", "path", "GFLOP", "x ResNet-50 GFLOP", "GFLOP/s", "x ResNet-50 time"],
+            work_rows,
+        )
+        print(
+            f"Baseline: {base['gflop']:.1f} GFLOP per ResNet-50 forward+backward at {base_rate:.0f} GFLOP/s. An\n"
+            "iteration's time ratio is its GFLOP ratio times (baseline GFLOP/s / its GFLOP/s): a time ratio under\n"
+            "the GFLOP ratio needs the iteration to run faster per FLOP than ResNet-50 itself. The forwards that\n"
+            "activation checkpointing recomputes in backward are not in the count."
+        )
     for phase in args.phases:
         ours, ref = results.get(f"ours-{phase}"), results.get(f"ref-{phase}")
         if ours and ref:

@@ -53,10 +53,14 @@ CASES = [
     # off, nothing recomputed.
     pytest.param("source", 0.0, torch.float64, False, "lowmem", id="source-lowmem-vs-plain-fp64"),
     pytest.param("self_training", 1.0, torch.float32, True, "lowmem", id="self_training-lowmem-vs-plain-fp32"),
+    # Channels-last networks (model.channels_last) against plain contiguous ones.
+    pytest.param("source", 0.0, torch.float64, True, "channels_last", id="source-channels-last-vs-plain-fp64"),
+    pytest.param("warmup", 1.0, torch.float32, False, "channels_last", id="warmup-channels-last-vs-plain-fp32"),
 ]
 MEMORY_OPTIONS = {
     "default": {},
     "lowmem": {"appearance": {"checkpoint": True}, "structure": {"checkpoint": True}, "decoder": {"checkpoint": True}},
+    "channels_last": {"channels_last": True},
 }
 PLAIN = {"appearance": {"checkpoint": False}, "structure": {"checkpoint": False}}
 PLAIN["decoder"] = {"checkpoint": False, "fused": False}
@@ -175,7 +179,10 @@ ABSENT_TERMS = {
 def _with(cfg: dict, options: dict) -> dict:
     cfg = copy.deepcopy(cfg)
     for group, values in options.items():
-        cfg[group].update(values)
+        if isinstance(values, dict):
+            cfg[group].update(values)
+        else:
+            cfg[group] = values
     return cfg
 
 
@@ -198,6 +205,9 @@ def test_optimised_iteration_equals_reference(
     # The reference runs on plain networks with the same weights (the same networks unless memory options are on).
     plain = module if memory == "default" else _build(_with(cfg, PLAIN), phase, dtype)
     plain.load_state_dict(module.state_dict())
+    if memory == "channels_last":
+        convs = [p for p in module.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+        assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
     pair, flags = module._pair_from_batch(_batch(module.stage, torch.Generator().manual_seed(1), dtype))
     monkeypatch.setattr(objective, "random_erasing", fixed_erase)
 

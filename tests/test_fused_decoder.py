@@ -86,11 +86,15 @@ def test_decoder_fused_and_plain_paths_agree_and_fused_saves_less() -> None:
     assert saved_numel[0] < 0.9 * saved_numel[1], saved_numel
 
 
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("slope", [0.2, 0.0, 1.0])
-def test_fused_layer_norm_act_equals_the_composed_modules(slope: float) -> None:
+def test_fused_layer_norm_act_equals_the_composed_modules(slope: float, fmt: torch.memory_format) -> None:
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(3, 5, 7, 4, dtype=torch.float64, generator=gen) * 3 + 1
-    x.requires_grad_(True)
+    x = x.contiguous(memory_format=fmt).requires_grad_(True)
     norm = LayerNorm(5).double()
     with torch.no_grad():
         norm.beta.normal_(generator=gen)
@@ -111,10 +115,12 @@ def test_fused_layer_norm_act_keeps_the_dtype_and_checks_shapes() -> None:
         layer_norm_act(x, torch.ones(3), torch.zeros(4))
 
 
-@pytest.mark.parametrize("slope", [0.2, 1.0])
-def test_fused_adain_act_equals_the_composed_modules(slope: float) -> None:
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("slope", [0.2, 0.0, 1.0])
+def test_fused_adain_act_equals_the_composed_modules(slope: float, fmt: torch.memory_format) -> None:
     gen = torch.Generator().manual_seed(4)
-    x = (torch.randn(3, 5, 6, 4, dtype=torch.float64, generator=gen) * 2 - 1).requires_grad_(True)
+    x = torch.randn(3, 5, 6, 4, dtype=torch.float64, generator=gen) * 2 - 1
+    x = x.contiguous(memory_format=fmt).requires_grad_(True)
     gamma = torch.randn(3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
     beta = torch.randn(3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
     norm = AdaptiveInstanceNorm2d(5)
@@ -127,3 +133,15 @@ def test_fused_adain_act_equals_the_composed_modules(slope: float) -> None:
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match=r"must both be \(3, 5\)"):
         adain_act(x, gamma[:, :4], beta)
+
+
+def test_fused_norm_statistics_stay_accurate_in_fp32_far_from_zero() -> None:
+    # A mean 1000 stds from zero: single-pass sum-of-squares statistics would lose every digit here.
+    gen = torch.Generator().manual_seed(5)
+    x64 = torch.randn(2, 4, 16, 8, dtype=torch.float64, generator=gen) + 1000.0
+    gamma, beta = torch.ones(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)
+    ref = adain_act(x64, gamma, beta)
+    torch.testing.assert_close(adain_act(x64.float(), gamma.float(), beta.float()).double(), ref, rtol=0, atol=2e-3)
+    ref_ln = layer_norm_act(x64, torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
+    out_ln = layer_norm_act(x64.float(), torch.ones(4), torch.zeros(4)).double()
+    torch.testing.assert_close(out_ln, ref_ln, rtol=0, atol=2e-3)
