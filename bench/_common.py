@@ -66,10 +66,9 @@ class FlopCount:
     """``with FlopCount() as f: ...`` then ``f.total``: floating-point operations the code ran (2 per multiply-add).
 
     Counts every matrix product and convolution torch dispatches, forward and backward, with torch's own
-    per-op formulas (``torch.utils.flop_counter``); double backward and frozen passes count as run. Not
-    counted: elementwise work, and the forward that activation checkpointing recomputes in backward (the
-    mode does not see it). A plain dispatch mode, so ``torch.autograd.grad`` works inside it
-    (``FlopCounterMode``'s module tracking does not allow that).
+    per-op formulas (``torch.utils.flop_counter``); double backward, frozen passes and the forwards that
+    activation checkpointing recomputes count as run. Elementwise work is not counted. A plain dispatch
+    mode, so ``torch.autograd.grad`` works inside it (``FlopCounterMode``'s module tracking does not allow it).
     """
 
     def __enter__(self) -> FlopCount:

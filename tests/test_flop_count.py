@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def _load_common():
@@ -45,3 +46,20 @@ def test_counts_convolutions_and_double_backward() -> None:
         (g,) = torch.autograd.grad(F.conv2d(x, w, padding=1).sum(), x, create_graph=True)
         g.pow(2).sum().backward()
     assert f.total > 3 * conv_flops
+
+
+def test_counts_the_forward_that_checkpointing_recomputes() -> None:
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w1 = torch.randn(4, 3, 3, 3, requires_grad=True)
+    w2 = torch.randn(5, 4, 3, 3, requires_grad=True)
+
+    def net(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, w1, padding=1).relu(), w2, padding=1)
+
+    with FlopCount() as plain:
+        net(x).sum().backward()
+    with FlopCount() as recomputed:
+        checkpoint(net, x, use_reentrant=False).sum().backward()
+    # Backward needs the first convolution's output again, so at least that convolution runs twice.
+    first_conv = 2 * (2 * 4 * 8 * 8) * (3 * 3 * 3)
+    assert recomputed.total >= plain.total + first_conv
