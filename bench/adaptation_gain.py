@@ -86,16 +86,19 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {"source": [], "adapt": []}
     # Every seed's full method first, then the ablations, so the headline rows are ready soonest.
     ckpts: dict[int, str] = {}
+
+    def adapt_overrides(seed: int) -> list[str]:
+        return [f"seed={seed}", *args.overrides, "stage=adapt", f"init_ckpt={ckpts[seed]}"]
+
     for seed in seeds:
         base = args.work_dir / f"seed{seed}"
         base.mkdir(parents=True, exist_ok=True)
-        common = [f"seed={seed}", *args.overrides]
-        src, took = run([*common, "stage=source"], base / "source", base / "source.log")
+        src, took = run([f"seed={seed}", *args.overrides, "stage=source"], base / "source", base / "source.log")
         times["source"].append(took)
         rows["direct transfer (source-only)"].append(src["source"])
         ckpts[seed] = src["source"]["ckpt"]
         print(f"  seed {seed} direct transfer: mAP {percent(src['source'], 'mAP'):.1f}", file=sys.stderr)
-        res, took = run([*common, "stage=adapt", f"init_ckpt={ckpts[seed]}"], base / "adapted", base / "adapted.log")
+        res, took = run(adapt_overrides(seed), base / "adapted", base / "adapted.log")
         times["adapt"].append(took)
         rows["DG-Net++ adapted"].append(res["adapt"])
         print(f"  seed {seed} DG-Net++ adapted: mAP {percent(res['adapt'], 'mAP'):.1f} ({took:.0f} s)", file=sys.stderr)
@@ -103,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         base = args.work_dir / f"seed{seed}"
         for name in chosen:
             slug = name.replace(" ", "_")
-            extra = [f"seed={seed}", *args.overrides, "stage=adapt", f"init_ckpt={ckpts[seed]}", *ABLATIONS[name]]
-            res, took = run(extra, base / slug, base / f"{slug}.log")
+            res, took = run([*adapt_overrides(seed), *ABLATIONS[name]], base / slug, base / f"{slug}.log")
             rows[f"DG-Net++, {name}"].append(res["adapt"])
             print(f"  seed {seed} {name}: mAP {percent(res['adapt'], 'mAP'):.1f} ({took:.0f} s)", file=sys.stderr)
 
