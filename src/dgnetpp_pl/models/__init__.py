@@ -16,6 +16,7 @@ from dgnetpp_pl.models.decoder import Decoder
 from dgnetpp_pl.models.discriminators import DomainDiscriminator, MultiScaleImageDiscriminator
 from dgnetpp_pl.models.generator import Generator
 from dgnetpp_pl.models.structure import StructureEncoder, to_gray
+from dgnetpp_pl.models.teacher import Teacher
 
 __all__ = [
     "ASPP",
@@ -34,6 +35,7 @@ __all__ = [
     "ResBlock",
     "ResBlocks",
     "StructureEncoder",
+    "Teacher",
     "init_weights",
     "to_gray",
 ]
