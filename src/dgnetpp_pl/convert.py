@@ -207,7 +207,7 @@ def official_model_to_ours(
             )
         if not 1 <= num_source_ids <= total:
             raise OfficialLayoutError(
-                f"{id_path} scores {total} classes, fewer than num_source_ids={num_source_ids}; check the source."
+                f"num_source_ids={num_source_ids} must be between 1 and the {total} classes {id_path} scores."
             )
         stage, n_src, capacity = "adapt", num_source_ids, total - num_source_ids
 
@@ -302,7 +302,7 @@ def ours_to_official(src: str | Path, out: str | Path, iteration: int | None = N
     src, out = Path(src), Path(out)
     ckpt = load_checkpoint(src)
     if ckpt.get("dgnetpp", {}).get("stage") == "teacher":
-        return [*_teacher_to_official(load_teacher(src), out)]
+        return _teacher_to_official(load_teacher(src), out)
     it = int(ckpt.get("global_step", 0)) if iteration is None else iteration
     del ckpt
     model = load_model(src)
