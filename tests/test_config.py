@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import inspect
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,15 +16,17 @@ import pytorch_lightning as pl
 from configs import compose_train, typed_train
 from hydra import compose, initialize_config_dir
 
-from dgnetpp_pl.cli import description
+from dgnetpp_pl.cli import description, run_app
 from dgnetpp_pl.config import (
     CONF_DIR,
     EvaluateConfig,
     ExtractConfig,
+    PathsConfig,
     RootConfig,
     SyntheticConfig,
     TrainerConfig,
     coerce,
+    register_schemas,
     validate_config,
 )
 from dgnetpp_pl.data.synthetic import SyntheticDomainSpec
@@ -215,3 +218,19 @@ def test_the_unread_key_scan_catches_a_key_no_code_reads() -> None:
 
     read = _names_read_in_src()
     assert [name for _, name, _ in _schema_fields(Probe) if name not in read] == ["never_read_anywhere_xyz"]
+
+
+def test_a_new_cli_runs_on_its_own_schema(tmp_path, monkeypatch) -> None:
+    @dataclasses.dataclass
+    class Probe:
+        task_name: str = "probe"
+        answer: int = 41
+        paths: PathsConfig = dataclasses.field(default_factory=PathsConfig)
+
+    seen = {}
+    monkeypatch.setattr(sys, "argv", ["probe", "answer=42", f"hydra.run.dir={tmp_path}"])
+    try:  # the extract config's defaults list names extract_schema: stand a new schema in for it
+        run_app("extract", lambda cfg: seen.update(answer=cfg.answer, keys=sorted(cfg)), {"extract_schema": Probe})
+    finally:
+        register_schemas()
+    assert seen == {"answer": 42, "keys": ["answer", "paths", "task_name"]}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from configs import compose_train, typed_train
 from reference_metrics import checkpoint_metrics
 
@@ -33,7 +34,7 @@ def target_test_split(data_dir: Path):
 def logged(out: Path, stage: str, key: str) -> list[float]:
     """Every value of ``key`` the CSV logger wrote for ``stage``."""
     for path in sorted(out.glob("csv/version_*/metrics.csv")):
-        if f"stage: {stage}" in (path.parent / "hparams.yaml").read_text():
+        if yaml.safe_load((path.parent / "hparams.yaml").read_text())["stage"] == stage:
             with open(path, newline="") as fh:
                 return [float(r[key]) for r in csv.DictReader(fh) if r.get(key)]
     raise AssertionError(f"no CSV log of stage {stage} under {out}")

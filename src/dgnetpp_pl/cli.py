@@ -1,18 +1,21 @@
 """The command-line entry points' shared piece: run a task as a Hydra app on the package's configs, with a
 ``--help`` that can list a group's presets with their one-line descriptions.
 
-Each CLI has a schema in :mod:`dgnetpp_pl.config` (registered in Hydra's ConfigStore) and a primary config in
-``conf/`` whose defaults list starts with it; ``main()`` is ``run_app("<config name>", task)``. A primary config's
-``hydra.help.template`` may use ``${dgnetpp_presets:GROUP}`` (each option of GROUP with the first comment line
-of its file) and ``${dgnetpp_groups:GROUP,...}`` (the options of the named groups only).
+Each CLI has a schema dataclass and a primary config in ``conf/`` whose defaults list starts with the schema's
+name; ``main()`` is ``run_app("<config name>", task)`` (the schemas of :mod:`dgnetpp_pl.config` are registered
+already; a new CLI passes its own, e.g. ``run_app("export", task, {"export_schema": ExportConfig})``, and
+validates with ``config.coerce(ExportConfig, cfg)``). A primary config's ``hydra.help.template`` may use
+``${dgnetpp_presets:GROUP}`` (each option of GROUP with the first comment line of its file) and
+``${dgnetpp_groups:GROUP,...}`` (the options of the named groups only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from dgnetpp_pl.config import CONF_DIR
@@ -54,7 +57,10 @@ def register_help_resolvers() -> None:
     OmegaConf.register_new_resolver("dgnetpp_groups", groups, replace=True)
 
 
-def run_app(config_name: str, task: Callable[[DictConfig], Any]) -> Any:
-    """Parse the command line and run ``task`` on the composed ``config_name`` (Hydra's overrides, --help, -m)."""
+def run_app(config_name: str, task: Callable[[DictConfig], Any], schemas: Mapping[str, type] | None = None) -> Any:
+    """Parse the command line and run ``task`` on the composed ``config_name`` (Hydra's overrides, --help, -m);
+    ``schemas`` (name -> dataclass) are stored where the primary config's defaults list names them."""
     register_help_resolvers()
+    for name, node in (schemas or {}).items():
+        ConfigStore.instance().store(name=name, node=node)
     return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task)()

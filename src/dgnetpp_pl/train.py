@@ -154,8 +154,8 @@ def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict
     callbacks, sigterm = build_callbacks(cfg, stage_dir, schedule, labels)
     loggers = instantiate_group(cfg.logger, cfg.allowed_targets, "logger")
     trainer = build_trainer(cfg, stage, callbacks, loggers, stage_dir)
-    for logger in trainer.loggers:
-        logger.log_hyperparams({"stage": stage, **plain(cfg)})
+    for logger in trainer.loggers:  # the config, with "stage" the stage this logger run records
+        logger.log_hyperparams({**plain(cfg), "stage": stage})
 
     result: dict[str, Any] = {"stage": stage}
     final = stage_dir / "final.ckpt"
