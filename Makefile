@@ -1,11 +1,12 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each installs first when .venv is missing.
+# `make test` is the fast lane (no test marked slow); `make test-full` runs every test, as CI does.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED ?= 0
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test test-full lint format bench clean
 
 $(BIN)/dgnetpp-train:
 	$(PY) -m venv $(VENV)
@@ -17,10 +18,11 @@ install: $(BIN)/dgnetpp-train
 demo: install
 	$(BIN)/python -m dgnetpp_pl experiment=demo
 
-test: install
-	$(BIN)/ruff check src tests bench notebooks
-	$(BIN)/ruff format --check src tests bench notebooks
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: lint
+	$(BIN)/python -m pytest -q -m "not slow" --durations=25 $(PYTEST_ARGS)
+
+test-full: lint
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests bench notebooks

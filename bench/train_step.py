@@ -3,7 +3,7 @@
 For each phase (source stage, adapt warm-up, adapt self-training) it times our iteration (the module's own
 ``discriminator_step`` / ``generator_step`` on one shared ``objective.forward_pair``, then the scheduler
 steps, as ``DGNetPP.training_step`` does) and the straightforward official-structured iteration of
-``bench/reference_step.py``, both against a warm torchvision ResNet-50 forward+backward at batch 8. It counts
+``tests/reference_step.py``, both against a warm torchvision ResNet-50 forward+backward at batch 8. It counts
 the network passes of one iteration (appearance-encoder calls and their batch sizes, decoder, structure
 encoder and image-discriminator calls, frozen re-encodings, deep copies). Each configuration runs in its own
 process, so each peak RSS is its own.
@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent / "src"), str(HERE)]  # works from a checkout without `pip install -e .`
+# Works from a checkout without `pip install -e .`; the reference iteration lives with the tests that trust it.
+sys.path[:0] = [str(HERE.parent / "src"), str(HERE), str(HERE.parent / "tests")]
 
 from _common import FlopCount, emit, print_table, run_worker  # noqa: E402
 
@@ -41,41 +42,24 @@ OFFICIAL = "official code on this CPU (reference doc s11): D 3.1 s + G 15.1 s; 3
 
 
 # --------------------------------------------------------------------------------------------- config
-def load_model_cfg(name: str) -> dict[str, Any]:
-    """The plain ``conf/model/<name>.yaml`` dict, its ``defaults`` merged (no Hydra needed)."""
-    import yaml
+def load_model_cfg(name: str, sets: list[str], channels_last: bool) -> Any:
+    """The typed ``model=<name>`` config with ``--set key=value`` overrides (keys relative to ``model``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
-    path = HERE.parent / "conf" / "model" / f"{name}.yaml"
-    if not path.is_file():
-        choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise SystemExit(f"--model {name!r}: no {path}; use one of {choices}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    merged: dict[str, Any] = {}
-    for base in raw.pop("defaults", []):
-        if base != "_self_":
-            merged = _merge(merged, load_model_cfg(base))
-    return _merge(merged, raw)
+    from dgnetpp_pl.config import CONF_DIR, validate_config
 
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _set_key(cfg: dict[str, Any], item: str) -> None:
-    """Apply one ``--set dotted.key=value`` (YAML value) to the model config; the key must exist."""
-    import yaml
-
-    key, sep, raw = item.partition("=")
-    *parents, leaf = key.split(".")
-    node = cfg
-    for name in parents:
-        node = node.get(name) if isinstance(node, dict) else None
-    if not sep or not isinstance(node, dict) or leaf not in node:
-        raise SystemExit(f"--set {item!r}: expected an existing model key, e.g. decoder.checkpoint=true")
-    node[leaf] = yaml.safe_load(raw)
+    choices = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    if name not in choices:
+        raise SystemExit(f"--model {name!r}: use one of {choices}")
+    height, width = IMAGE_SIZE.get(name, (256, 128))
+    overrides = [f"model={name}", f"model.channels_last={channels_last}", "paths.output_dir=unused"]
+    overrides += [f"data.height={height}", f"data.width={width}", *(f"model.{item}" for item in sets)]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return validate_config(compose(config_name="config", overrides=overrides)).model
+    except HydraException as err:
+        raise SystemExit(f"--set: {err}; expected existing model keys, e.g. decoder.checkpoint=true") from None
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -185,24 +169,22 @@ def _build(args: argparse.Namespace, phase: str) -> tuple[Any, Any, Any, dict, l
     """Module on the device, its pair batch and flags, named optimisers and schedulers."""
     import torch
 
-    from dgnetpp_pl.module import DGNetPP
+    from dgnetpp_pl.inference import build_model
+    from dgnetpp_pl.optim import optimizer_names
+    from dgnetpp_pl.schedule import AdaptSchedule
 
-    cfg = load_model_cfg(args.model)
-    cfg["channels_last"] = bool(args.channels_last)
-    for item in args.set:
-        _set_key(cfg, item)
+    cfg = load_model_cfg(args.model, args.set, bool(args.channels_last))
     n_src, k = CLASSES.get(args.model, CLASSES["dgnetpp_small"])
     height, width = IMAGE_SIZE.get(args.model, (256, 128))
+    stage = "source" if phase == "source" else "adapt"
+    schedule = AdaptSchedule(stage, warmup_epochs=1 if phase == "warmup" else 0)
     torch.manual_seed(0)
-    module = DGNetPP(
-        model=cfg, stage="source" if phase == "source" else "adapt", num_source_ids=n_src,
-        target_capacity=k, warmup_epochs=1 if phase == "warmup" else 0, image_size=(height, width),
-    )  # fmt: skip
+    module = build_model(stage, cfg, n_src, k, schedule=schedule, image_size=(height, width))
     if phase == "self_training":
         module.set_target_classes(k)
     module.to(args.device).train()
     opts, scheds = module.configure_optimizers()
-    named = dict(zip(module._optim_names(), opts, strict=True))
+    named = dict(zip(optimizer_names(module.stage), opts, strict=True))
     g = torch.Generator().manual_seed(1)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
 
@@ -226,14 +208,14 @@ def _ours_iteration(module: Any, pair: Any, flags: Any, scheds: list, args: argp
     """``DGNetPP.training_step`` without logging: shared forward, D step, G step, scheduler steps."""
     from dgnetpp_pl import objective
 
-    w = module.cfg["loss"]
+    w = module.cfg.loss
     acc: dict[str, float] = {}
     c0, t0 = time.process_time(), time.perf_counter()
     with timed_frozen_calls(acc, args.device), _autocast(args.device, args.precision):
         fwd = objective.forward_pair(
             module.e_app, module.gen_a, module.gen_b_or_a, pair, flags,
-            erasing_p=w["erasing_p"], structure_detach_p=w["structure_detach_p"],
-            joint_call=module.cfg["appearance"]["joint_call"],
+            erasing_p=w.erasing_p, structure_detach_p=w.structure_detach_p,
+            joint_call=module.cfg.appearance.joint_call,
         )  # fmt: skip
         _sync(args.device)
         t1 = time.perf_counter()
@@ -260,12 +242,15 @@ def _ref_iteration(
     args: argparse.Namespace,
 ) -> dict:
     """The official-structured iteration of ``reference_step.py`` plus the scheduler steps."""
+    import dataclasses
+
     from reference_step import Nets, reference_iteration
 
     stats: dict[str, float] = {}
     c0, t0 = time.process_time(), time.perf_counter()
     with _autocast(args.device, args.precision):
-        reference_iteration(Nets.from_module(module), named, pair, flags, module.cfg["loss"], stats=stats)
+        loss = dataclasses.asdict(module.cfg.loss)
+        reference_iteration(Nets.from_module(module), named, pair, flags, loss, stats=stats)
     for sched in scheds:
         sched.step()
     _sync(args.device)
@@ -466,7 +451,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--model", default="dgnetpp", help="conf/model/<name>.yaml (default: dgnetpp)")
+    parser.add_argument("--model", default="dgnetpp", help="a model= option of the package config (default: dgnetpp)")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per configuration (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up iterations, >= 1 (default 1)")
     parser.add_argument("--baseline-iters", type=int, default=10, help="timed ResNet-50 passes (default 10)")

@@ -114,15 +114,19 @@ def tiny_overrides(synthetic_data_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_source_ckpt(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path) -> Path:
-    """A source-stage checkpoint of the tiny preset after one training batch, for adapt runs to start from."""
-    from hydra import compose, initialize_config_dir
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path) -> tuple[Path, dict]:
+    """One tiny two-stage run (source stage, then warm-up, a pseudo-label refresh and self-training, each stage
+    validated and tested, swap grids on) shared by the end-to-end tests: ``(output dir, results)``."""
+    from configs import compose_train
 
-    from dgnetpp_pl.config import CONF_DIR
     from dgnetpp_pl.train import train
 
-    out = tmp_path_factory.mktemp("tiny_source")
-    overrides = [*_tiny_overrides(synthetic_data_dir), f"paths.output_dir={out}", "stage=source", "test=false"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*overrides, "trainer.limit_train_batches=1"])
-    return Path(train(cfg)["source"]["ckpt"])
+    out = tmp_path_factory.mktemp("tiny_run")
+    overrides = ["experiment=demo", "debug=tiny", f"paths.data_dir={synthetic_data_dir}", f"paths.output_dir={out}"]
+    return out, train(compose_train(*overrides, "logger=csv"))
+
+
+@pytest.fixture(scope="session")
+def tiny_source_ckpt(tiny_run: tuple[Path, dict]) -> Path:
+    """The source-stage checkpoint of the shared tiny run, for adapt runs to start from."""
+    return Path(tiny_run[1]["source"]["ckpt"])

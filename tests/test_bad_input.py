@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from configs import compose_train, small_data_config
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from PIL import Image
 
 from dgnetpp_pl.checkpoints import CheckpointError, load_checkpoint, resolve_resume
-from dgnetpp_pl.config import CONF_DIR, ConfigError, validate_config
-from dgnetpp_pl.data.datamodule import CrossDomainDataModule, ReIDImageDataset
+from dgnetpp_pl.config import ConfigError, DataConfig, DomainConfig, coerce, validate_config
+from dgnetpp_pl.data.datamodule import CrossDomainDataModule
 from dgnetpp_pl.data.datasets import (
     MSMT17,
     DatasetError,
@@ -30,7 +31,7 @@ from dgnetpp_pl.data.datasets import (
     verify_images,
 )
 from dgnetpp_pl.data.records import ImageRecord
-from dgnetpp_pl.data.synthetic import SMALL_SIZES
+from dgnetpp_pl.data.torch_datasets import ReIDImageDataset
 from dgnetpp_pl.data.transforms import build_test_transform
 from dgnetpp_pl.inference import load_model
 from dgnetpp_pl.instantiate import instantiate_group, safe_instantiate
@@ -38,8 +39,10 @@ from dgnetpp_pl.train import build_datamodule
 
 
 def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    """The training config with ``overrides`` and an output folder (validation needs one outside a Hydra run)."""
+    if not any(o.startswith("paths.output_dir=") for o in overrides):
+        overrides = (*overrides, "paths.output_dir=unused")
+    return compose_train(*overrides)
 
 
 def start_datamodule(tmp_path: Path, tiny_overrides: list[str], *overrides: str) -> CrossDomainDataModule:
@@ -51,19 +54,9 @@ def start_datamodule(tmp_path: Path, tiny_overrides: list[str], *overrides: str)
     return dm
 
 
-def make_dm(data_dir: Path, **kwargs: Any) -> CrossDomainDataModule:
-    """A datamodule built through the Python API on the small synthetic pair, with ``kwargs`` overriding."""
-    options: dict[str, Any] = dict(
-        source={"name": "synthetic", "style": "source"},
-        target={"name": "synthetic", "style": "target"},
-        data_dir=str(data_dir),
-        height=32,
-        width=16,
-        batch_size=4,
-        synthetic=SMALL_SIZES,
-        test_batch_size=16,
-    )
-    dm = CrossDomainDataModule(**{**options, **kwargs})
+def make_dm(data_dir: Path, **data: Any) -> CrossDomainDataModule:
+    """A datamodule built through the Python API on the small synthetic pair, with ``data`` overriding."""
+    dm = CrossDomainDataModule(small_data_config(data_dir, **data))
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -189,9 +182,9 @@ def test_datamodule_verify_lists_every_unreadable_image(tmp_path: Path, syntheti
     bad = [ds.train[3].path, ds.query[0].path, ds.gallery[-1].path]
     for path in bad:
         Path(path).write_bytes(b"broken")
-    target = {"name": "synthetic", "style": "target"}
+    source = DomainConfig(name="market1501", root=str(copy))
     with pytest.raises(DatasetError, match=r"3 unreadable image\(s\); replace or remove them") as info:
-        make_dm(synthetic_data_dir, source={"name": "market1501", "root": str(copy)}, target=target, verify=True)
+        make_dm(synthetic_data_dir, source=source, verify=True)
     assert all(path in str(info.value) for path in bad)
 
 
@@ -207,35 +200,78 @@ def test_batch_size_larger_than_the_source_identities_is_an_error(tmp_path: Path
 
 
 def test_data_settings_name_the_key(synthetic_data_dir: Path) -> None:
-    with pytest.raises(DatasetError, match=r"data.target.name is 'marketplace'; valid names: .*market1501"):
-        make_dm(synthetic_data_dir, target={"name": "marketplace", "root": "x"})
-    with pytest.raises(DatasetError, match=r"data.source.root is not set"):
-        make_dm(synthetic_data_dir, source={"name": "market1501"})
-    with pytest.raises(DatasetError, match=r"data.source: unknown key\(s\) \['rot'\]"):
-        make_dm(synthetic_data_dir, source={"name": "market1501", "rot": "x"})
-    with pytest.raises(DatasetError, match=r"data.synthetic: unknown synthetic setting"):
-        make_dm(synthetic_data_dir, synthetic={"num_ids": 3})
+    def data(**section: Any) -> DataConfig:  # a data section alone: its root-level interpolations set here
+        base = {"data_dir": str(synthetic_data_dir), "synthetic": {"seed": 0}}
+        return coerce(DataConfig, OmegaConf.merge(base, section), "data")
+
+    assert data(target={"name": "market1501"}).target.name == "market1501"
+    with pytest.raises(ConfigError, match=r"'marketplace' for key 'data.target.name': expected one of .*market1501"):
+        data(target={"name": "marketplace"})
+    with pytest.raises(ConfigError, match=r"data.source.root is not set: the 'folder' dataset"):
+        data(source={"name": "folder"})
+    with pytest.raises(ConfigError, match=r"key 'data.source.rot'"):
+        data(source={"name": "market1501", "rot": "x"})
+    with pytest.raises(ConfigError, match=r"key 'data.synthetic.num_ids'"):
+        data(synthetic={"num_ids": 3})
+    nowhere = str(synthetic_data_dir / "nowhere")
     with pytest.raises(DatasetError, match=r"data.source: market1501 root '.*nowhere' does not exist"):
-        make_dm(synthetic_data_dir, source={"name": "market1501", "root": str(synthetic_data_dir / "nowhere")})
+        make_dm(synthetic_data_dir, source=DomainConfig(name="market1501", root=nowhere))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pseudo_label.k=0", r"'pseudo_label.k': must be >= 1"),
+        ("pseudo_label.every_n_epochs=0", r"'pseudo_label.every_n_epochs': must be >= 1"),
+        ("data.batch_size=0", r"'data.batch_size': must be >= 1"),
+        ("data.test_batch_size=-1", r"'data.test_batch_size': must be >= 1"),
+        ("model.loss.lambda_cyc=nan", r"'model.loss.lambda_cyc': must be a finite number >= 0"),
+        ("model.loss.recon_x=-1", r"'model.loss.recon_x': must be a finite number >= 0"),
+        ("model.optim.adapt.lr_app=-0.1", r"'model.optim.adapt.lr_app': must be a finite rate >= 0"),
+        ("data.height=66", r"'data.height': must be a multiple of 4"),
+        ("data.width=30", r"'data.width': must be a multiple of 4"),
+        ("data.val_split=1.0", r"'data.val_split': must be in \[0, 1\)"),
+        ("stage=teacher", r"'teacher' for key 'stage': expected one of \['source', 'adapt'\]"),
+        ("model.appearance.arch=vgg16", r"key 'model.appearance.arch': expected one of .*resnet50"),
+        ("model.loss.domain_reduction=max", r"key 'model.loss.domain_reduction': expected one of \['mean', 'sum'\]"),
+        ("adapt.warmup_epochs=9", r"adapt.warmup_epochs=9 exceeds adapt.max_epochs"),
+        ("model.decoder.n_res=3", r"model.decoder.n_res=3 must equal model.structure.n_res=4"),
+        ("model.structure.aspp_dilations=[1,2,8]", r"aspp_dilations=\[1, 2, 8\]: each must be smaller than .* \(8 for"),
+        ("data.target.combine_train_val=false", r"data.target.combine_train_val applies to msmt17 only"),
+        ("pseudo_label=dbscan", None),
+        ("pseudo_label.method=dbscan", r"pseudo_label.max_clusters must be >= 1 with pseudo_label.method=dbscan"),
+    ],
+)
+def test_invalid_values_are_rejected_at_start_up_naming_the_key(override: str, message: str | None) -> None:
+    cfg = compose_cfg("experiment=demo", override)
+    if message is None:  # the valid neighbour of an invalid case
+        assert validate_config(cfg).pseudo_label.max_clusters == 4000
+        return
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- the config
 def test_unknown_key_fails_naming_it() -> None:
-    cfg = compose_cfg("experiment=demo")
-    OmegaConf.set_struct(cfg, False)
-    cfg.model.loss.lambda_cyk = 3.0  # e.g. from a hand-edited YAML file
+    cfg = OmegaConf.to_container(compose_cfg("experiment=demo"))
+    cfg["model"]["loss"]["lambda_cyk"] = 3.0  # e.g. from a hand-edited dict
     with pytest.raises(ConfigError, match="model.loss.lambda_cyk"):
         validate_config(cfg)
 
 
 def test_unknown_override_is_rejected_at_compose() -> None:
-    with pytest.raises(Exception, match="lambda_cyk"):
+    with pytest.raises(ConfigCompositionException, match="lambda_cyk"):
         compose_cfg("experiment=demo", "model.loss.lambda_cyk=3")
 
 
 def test_wrong_type_fails_naming_the_key() -> None:
+    with pytest.raises(ConfigCompositionException, match=r"data.batch_size=many") as info:
+        compose_cfg("experiment=demo", "data.batch_size=many")
+    assert "full_key: data.batch_size" in str(info.value.__cause__)
+    cfg = OmegaConf.to_container(compose_cfg("experiment=demo"))
+    cfg["data"]["batch_size"] = "many"
     with pytest.raises(ConfigError, match=r"Invalid configuration at key 'data.batch_size'"):
-        validate_config(compose_cfg("experiment=demo", "data.batch_size=many"))
+        validate_config(cfg)
 
 
 def test_invalid_choice_fails_naming_the_key() -> None:

@@ -1,4 +1,5 @@
-"""CrossDomainDataModule: batch structure, positives, pseudo-labels, state, determinism, eval loaders."""
+"""CrossDomainDataModule, its sampler and the pseudo-label store: batch structure, positives, labels, state,
+determinism, eval loaders."""
 
 from __future__ import annotations
 
@@ -10,33 +11,31 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from configs import small_data_config
 from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
 
-from dgnetpp_pl.data.datamodule import CrossDomainDataModule, pick_positives, split_validation_ids
+from dgnetpp_pl.data.datamodule import CrossDomainDataModule
 from dgnetpp_pl.data.datasets import DatasetError
 from dgnetpp_pl.data.records import ImageRecord
-from dgnetpp_pl.data.synthetic import SMALL_SIZES
+from dgnetpp_pl.data.sampling import pick_positives
+from dgnetpp_pl.data.splits import split_validation_ids
+from dgnetpp_pl.label_store import PseudoLabelStore
 
 B, H, W = 4, 32, 16
 
 
-def make_dm(data_dir: Path, **kwargs: Any) -> CrossDomainDataModule:
-    options = dict(
-        source={"name": "synthetic", "style": "source"},
-        target={"name": "synthetic", "style": "target"},
-        data_dir=str(data_dir),
-        height=H,
-        width=W,
-        batch_size=B,
-        num_workers=0,
-        synthetic=SMALL_SIZES,
-        test_batch_size=16,
-    )
-    options.update(kwargs)
-    dm = CrossDomainDataModule(**options)
+def make_dm(
+    data_dir: Path, stage: str = "adapt", seed: int = 0, labels: PseudoLabelStore | None = None, **data: Any
+) -> CrossDomainDataModule:
+    dm = CrossDomainDataModule(small_data_config(data_dir, **data), stage=stage, seed=seed, labels=labels)
     dm.prepare_data()
     dm.setup("fit")
     return dm
+
+
+def set_labels(dm: CrossDomainDataModule, labels: np.ndarray | torch.Tensor, epoch: int = 0) -> None:
+    """Store a round of pseudo-labels where the datamodule's sampler reads them."""
+    dm.labels.update(labels, for_epoch=epoch)
 
 
 def all_batches(loader) -> list[dict]:
@@ -99,7 +98,7 @@ def test_positives_share_the_label_and_are_other_files(synthetic_data_dir: Path)
     labels = np.arange(n) % 7
     labels[::5] = -1
     labels[1] = 50  # a singleton cluster
-    dm.set_target_labels(labels)
+    set_labels(dm, labels)
     singleton_seen = False
     for batch in all_batches(dm.train_dataloader()):
         src, tgt = batch["source"], batch["target"]
@@ -138,7 +137,7 @@ def test_batches_are_deterministic_across_worker_counts_and_change_with_the_epoc
         for domain in ("source", "target"):
             for key in x[domain]:
                 assert torch.equal(x[domain][key], y[domain][key]), (domain, key)
-    loader = a.train_dataloader()  # a fresh loader of the next epoch (epoch counter advanced)
+    loader = a.train_dataloader()  # the next epoch, as Lightning sets it
     loader.sampler.set_epoch(1)
     assert not torch.equal(next(iter(loader))["source"]["index"], batches_a[0]["source"]["index"])
     other = make_dm(synthetic_data_dir, seed=4)
@@ -148,7 +147,7 @@ def test_batches_are_deterministic_across_worker_counts_and_change_with_the_epoc
 def test_lightning_distributed_wrapper_splits_an_epoch_between_ranks(synthetic_data_dir: Path) -> None:
     # Under DDP Lightning wraps our sampler like this (shuffle=False: it is not a RandomSampler).
     dm = make_dm(synthetic_data_dir)
-    dm.set_target_labels(np.arange(len(dm.target_train_records)) % 4)
+    set_labels(dm, np.arange(len(dm.target_train_records)) % 4)
     full = list(dm.train_dataloader().sampler)
     shares = []
     for rank in (0, 1):
@@ -160,38 +159,42 @@ def test_lightning_distributed_wrapper_splits_an_epoch_between_ranks(synthetic_d
     assert item["target"]["label"] == shares[1][0].target % 4
 
 
-def test_set_target_labels_validates(synthetic_data_dir: Path) -> None:
+def test_label_store_validates_and_reports_clusters(synthetic_data_dir: Path) -> None:
     dm = make_dm(synthetic_data_dir)
     n = len(dm.target_train_records)
-    with pytest.raises(DatasetError, match=rf"shape \({n},\).*got \({n - 1},\)"):
-        dm.set_target_labels(np.zeros(n - 1, dtype=np.int64))
-    with pytest.raises(DatasetError, match="integers, got dtype float32"):
-        dm.set_target_labels(np.zeros(n, dtype=np.float32))
-    with pytest.raises(DatasetError, match=">= -1"):
-        dm.set_target_labels(np.full(n, -2))
-    assert dm.num_target_clusters == 0 and dm.target_labels is None
-    dm.set_target_labels(torch.arange(n) % 3)
-    assert dm.num_target_clusters == 3 and dm.target_labels.dtype == np.int64
+    store = dm.labels
+    assert store.num_clusters == 0 and store.labels is None
+    assert (store.labels_for(n) == -1).all(), "no labels yet: every target image is unlabelled"
+    with pytest.raises(ValueError, match="integers, got dtype float32"):
+        store.update(np.zeros(n, dtype=np.float32), for_epoch=1)
+    with pytest.raises(ValueError, match=">= -1"):
+        store.update(np.full(n, -2), for_epoch=1)
+    with pytest.raises(ValueError, match=r"1-D"):
+        store.update(np.zeros((n, 2), dtype=np.int64), for_epoch=1)
+    store.update(torch.arange(n) % 3, for_epoch=1)
+    assert store.num_clusters == 3 and store.labels.dtype == np.int64 and store.last_refresh_epoch == 1
+    store.update(np.zeros(n - 1, dtype=np.int64), for_epoch=3)
+    with pytest.raises(ValueError, match=rf"hold {n - 1} entries but the target train split has {n} images"):
+        dm.train_dataloader()
 
 
-def test_state_dict_round_trip_through_a_weights_only_checkpoint(synthetic_data_dir: Path) -> None:
+def test_label_store_round_trip_through_a_weights_only_checkpoint(synthetic_data_dir: Path) -> None:
     dm = make_dm(synthetic_data_dir)
     labels = (np.arange(len(dm.target_train_records)) * 7) % 5 - 1
-    dm.set_target_labels(labels)
-    all_batches(dm.train_dataloader())
-    all_batches(dm.train_dataloader())
+    dm.labels.update(labels, for_epoch=2, stats={"num_clusters": 4.0}, digests=[123, 123])
     buffer = io.BytesIO()
-    torch.save({"datamodule": dm.state_dict()}, buffer)
+    torch.save({"pseudo_labels": dm.labels.state_dict()}, buffer)
     buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)["datamodule"]
-    fresh = make_dm(synthetic_data_dir)
-    fresh.load_state_dict(state)
-    assert np.array_equal(fresh.target_labels, labels) and fresh.state_dict()["epoch"] == 2
+    state = torch.load(buffer, weights_only=True)["pseudo_labels"]
+    fresh = make_dm(synthetic_data_dir, labels=PseudoLabelStore())
+    fresh.labels.load_state_dict(state)
+    assert np.array_equal(fresh.labels.labels, labels) and fresh.labels.last_refresh_epoch == 2
+    assert fresh.labels.history == [{"num_clusters": 4.0}] and fresh.labels.rank_digests == [[123, 123]]
     first = next(iter(fresh.train_dataloader()))
     assert np.array_equal(first["target"]["label"].numpy(), labels[first["target"]["index"].numpy()])
-    wrong = make_dm(synthetic_data_dir, val_split=0.25)
-    with pytest.raises(DatasetError, match="shape"):
-        wrong.load_state_dict(state)
+    wrong = make_dm(synthetic_data_dir, val_split=0.25, labels=fresh.labels)
+    with pytest.raises(ValueError, match="other data settings"):
+        wrong.train_dataloader()
 
 
 def test_eval_loaders(synthetic_data_dir: Path) -> None:
@@ -226,7 +229,7 @@ def test_drop_target_outliers_shortens_the_epoch(synthetic_data_dir: Path) -> No
     dm = make_dm(synthetic_data_dir, drop_target_outliers=True)
     labels = np.full(len(dm.target_train_records), -1)
     labels[: 3 * B + 1] = np.arange(3 * B + 1) % 4
-    dm.set_target_labels(labels)
+    set_labels(dm, labels)
     batches = all_batches(dm.train_dataloader())
     assert len(batches) == 3
     assert all((b["target"]["label"] >= 0).all() for b in batches)
@@ -248,7 +251,7 @@ class _Recorder(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         dm = self.trainer.datamodule
         if self.current_epoch == 0:
-            dm.set_target_labels(np.arange(len(dm.target_train_records)) % 6)
+            set_labels(dm, np.arange(len(dm.target_train_records)) % 6, epoch=1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.0)

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
+from configs import typed_train
 from torch.utils.data import DataLoader, Dataset
 
 from dgnetpp_pl.checkpoints import load_checkpoint
-from dgnetpp_pl.config import CONF_DIR, validate_config
 from dgnetpp_pl.data.datamodule import CrossDomainDataModule
+from dgnetpp_pl.evaluation import ReIDEvaluator
 from dgnetpp_pl.inference import load_model
-from dgnetpp_pl.module import DGNetPP
 from dgnetpp_pl.train import build_datamodule
 
 pytestmark = pytest.mark.slow
@@ -60,9 +59,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory, tiny_overrides: list[str],
 def datamodule(tiny_overrides: list[str], tmp_path_factory: pytest.TempPathFactory) -> CrossDomainDataModule:
     """The run's datamodule, built in this process from the same config."""
     out = tmp_path_factory.mktemp("single")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*tiny_overrides, f"paths.output_dir={out}"])
-    dm = build_datamodule(validate_config(cfg), "adapt")
+    dm = build_datamodule(typed_train(*tiny_overrides, f"paths.output_dir={out}"), "adapt")
     dm.setup("fit")
     return dm
 
@@ -85,10 +82,10 @@ def test_one_hydra_output_directory_for_both_ranks(ddp_run: Path) -> None:
 def test_both_ranks_train_on_the_same_pseudo_labels(ddp_run: Path, datamodule: CrossDomainDataModule) -> None:
     (run,) = run_dirs(ddp_run)
     ckpt = load_checkpoint(run / "checkpoints" / "adapt" / "final.ckpt")
-    labels = ckpt["CrossDomainDataModule"]["target_labels"]
+    (state,) = (v for k, v in ckpt["callbacks"].items() if "PseudoLabelCallback" in k)
+    labels = state["labels"]
     # One label per target train image: the padded samples of the sharded extraction were dropped.
     assert labels.shape == (len(datamodule.target_train_records),) and int(labels.min()) >= 0
-    (state,) = (v for k, v in ckpt["callbacks"].items() if "PseudoLabelCallback" in k)
     # Each rank's CRC32 of the labels its own datamodule holds, gathered at the (single) refresh.
     digest = zlib.crc32(np.ascontiguousarray(labels.numpy(), dtype=np.int64).tobytes())
     assert state["rank_digests"] == [[digest, digest]]
@@ -132,21 +129,24 @@ class IndexedRows(Dataset):
 
 
 class GatherProbe(pl.LightningModule):
-    """Runs :meth:`DGNetPP._gather_eval` on each rank and saves what it returns."""
-
-    _gather_eval = DGNetPP._gather_eval
+    """Runs the :class:`ReIDEvaluator` gather (what validation, test and pseudo-labelling use) on each rank and
+    saves what it returns."""
 
     def __init__(self, out_dir: str) -> None:
         super().__init__()
         self.out_dir = out_dir
-        self._val_outputs: list[dict[str, torch.Tensor]] = []
+        self.evaluator = ReIDEvaluator(all_gather=self.all_gather)
+
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator.world_size = self.trainer.world_size
+        self.evaluator.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._val_outputs.append(batch)
+        self.evaluator.process(batch["feats"], batch)
 
     def on_validation_epoch_end(self) -> None:
-        local = sum(len(o["index"]) for o in self._val_outputs)
-        gathered = self._gather_eval()
+        local = self.evaluator.num_processed
+        gathered = self.evaluator.gather()
         torch.save({"local": local, **gathered}, Path(self.out_dir) / f"rank{self.global_rank}.pt")
 
 

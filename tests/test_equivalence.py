@@ -1,4 +1,4 @@
-"""The optimised iteration (objective.*) equals the official-structured one (bench/reference_step.py).
+"""The optimised iteration (objective.*) equals the official-structured one (tests/reference_step.py).
 
 Both paths see the same networks, batch and weights; every loss term and the gradients of every trained
 network must agree in each phase (source stage, adapt warm-up, adapt self-training) and in both structure
@@ -18,19 +18,18 @@ exact:
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
+import dataclasses
 
 import pytest
+import reference_step as ref
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from configs import typed_train
 from torch import Tensor, nn
 
 from dgnetpp_pl import objective
-from dgnetpp_pl.config import CONF_DIR
+from dgnetpp_pl.config import ModelConfig, coerce
 from dgnetpp_pl.module import DGNetPP
+from dgnetpp_pl.schedule import AdaptSchedule
 
 H, W, B = 128, 64, 2  # ASPP (dilation 9 at 1/4 resolution) needs at least 80x40
 N_SRC, CAPACITY, N_CLUSTERS = 6, 5, 4  # masking active in self-training: 6 + 4 of 11 classes
@@ -66,23 +65,10 @@ PLAIN = {"appearance": {"checkpoint": False}, "structure": {"checkpoint": False}
 PLAIN["decoder"] = {"checkpoint": False, "fused": False}
 
 
-def _load_reference():
-    path = Path(__file__).resolve().parents[1] / "bench" / "reference_step.py"
-    spec = importlib.util.spec_from_file_location("reference_step", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("reference_step", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ref = _load_reference()
-
-
 @pytest.fixture(scope="module")
 def small_cfg() -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=dgnetpp_small"])
-    return OmegaConf.to_container(cfg.model, resolve=True)
+    """The small model's config as a plain dict (the test edits it per case, then types it)."""
+    return dataclasses.asdict(typed_train("model=dgnetpp_small", "data.height=128", "data.width=64").model)
 
 
 def fixed_erase(x: Tensor, *args, **kwargs) -> Tensor:
@@ -117,10 +103,8 @@ def _batch(stage: str, g: torch.Generator, dtype: torch.dtype) -> dict:
 
 def _build(cfg: dict, phase: str, dtype: torch.dtype) -> DGNetPP:
     torch.manual_seed(0)
-    module = DGNetPP(
-        model=cfg, stage="source" if phase == "source" else "adapt", num_source_ids=N_SRC,
-        target_capacity=CAPACITY, warmup_epochs=1 if phase == "warmup" else 0, image_size=(H, W),
-    )  # fmt: skip
+    schedule = AdaptSchedule("source" if phase == "source" else "adapt", warmup_epochs=1 if phase == "warmup" else 0)
+    module = DGNetPP(cfg, schedule, num_source_ids=N_SRC, target_capacity=CAPACITY, image_size=(H, W))
     if phase == "self_training":
         module.set_target_classes(N_CLUSTERS)
     module.to(dtype).train()
@@ -200,7 +184,7 @@ def test_optimised_iteration_equals_reference(
     rtol, atol, grad_tol = TOLERANCES[dtype]
     cfg = copy.deepcopy(small_cfg)
     cfg["loss"]["structure_detach_p"] = detach_p
-    w = cfg["loss"]
+    w = coerce(ModelConfig, cfg, "model").loss
     module = _build(_with(cfg, MEMORY_OPTIONS[memory]), phase, dtype)
     # The reference runs on plain networks with the same weights (the same networks unless memory options are on).
     plain = module if memory == "default" else _build(_with(cfg, PLAIN), phase, dtype)
@@ -213,17 +197,16 @@ def test_optimised_iteration_equals_reference(
 
     fwd = objective.forward_pair(
         module.e_app, module.gen_a, module.gen_b_or_a, pair, flags,
-        erasing_p=w["erasing_p"], structure_detach_p=detach_p, joint_call=joint_call,
+        erasing_p=w.erasing_p, structure_detach_p=detach_p, joint_call=joint_call,
     )  # fmt: skip
-    d_ours = objective.image_d_loss(module.d_img, fwd, pair, gan_w=w["gan"], r1_w=w["r1"])
+    d_ours = objective.image_d_loss(module.d_img, fwd, pair, gan_w=w.gan, r1_w=w.r1)
     if flags.domain_adv:
-        d_ours["d_dom"] = objective.domain_d_loss(
-            module.d_dom, fwd, weight=w["domain_adv"], reduction=w["domain_reduction"]
-        )
+        d_ours["d_dom"] = objective.domain_d_loss(module.d_dom, fwd, weight=w.domain_adv, reduction=w.domain_reduction)
     g_ours = objective.generator_losses(fwd, pair, flags, module.d_img, module.d_dom, w)
     d_ref, g_ref = ref.reference_losses(
-        ref.Nets.from_module(plain), pair, flags, w, erase=fixed_erase, structure_detached=detach_p >= 1.0
-    )
+        ref.Nets.from_module(plain), pair, flags, dataclasses.asdict(w), erase=fixed_erase,
+        structure_detached=detach_p >= 1.0,
+    )  # fmt: skip
 
     assert EXPECTED_TERMS[phase] <= g_ours.keys()
     assert not ABSENT_TERMS[phase] & g_ours.keys()

@@ -1,36 +1,13 @@
-"""Ranking metrics against a straightforward per-query reference written here (Market-1501 protocol)."""
+"""Ranking metrics against a straightforward per-query reference (tests/reference_metrics.py, Market-1501 protocol)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from reference_metrics import reference
 
 from dgnetpp_pl.metrics import cosine_distance, evaluate_features, evaluate_ranking, pairwise_distance
-
-
-def reference(dist, qp, gp, qc, gc, max_rank=50):
-    """One query at a time, like the classic Market code; ties broken by gallery index."""
-    nq, ng = dist.shape
-    ap_m, ap_s, inp = np.zeros(nq), np.zeros(nq), np.zeros(nq)
-    cmc = np.zeros(max_rank)
-    valid = 0
-    for i in range(nq):
-        order = np.lexsort((np.arange(ng), dist[i].astype(np.float64)))
-        kept = [j for j in order if not (gp[j] == -1 or (gp[j] == qp[i] and gc[j] == qc[i]))]
-        ranks = [r + 1 for r, j in enumerate(kept) if gp[j] == qp[i]]
-        if not ranks:
-            continue
-        valid += 1
-        n = len(ranks)
-        for k, r in enumerate(ranks, start=1):
-            prev = (k - 1) / (r - 1) if r > 1 else 1.0
-            ap_m[i] += (k / r + prev) / 2 / n
-            ap_s[i] += k / r / n
-        inp[i] = n / ranks[-1]
-        if ranks[0] <= max_rank:
-            cmc[ranks[0] - 1 :] += 1
-    return {"market": ap_m.mean(), "standard": ap_s.mean(), "cmc": cmc / nq, "mINP": inp.mean(), "valid": valid}
 
 
 def make_case(seed, nq=40, ng=300, quantise=None, npids=25):

@@ -168,37 +168,6 @@ def test_functional_call_with_detached_params(small_encoder):
     assert all(p.grad is None for p in enc.parameters())
 
 
-def test_reset_classifiers_keeps_bottleneck(small_encoder):
-    enc = small_encoder.eval()
-    before = {k: v.clone() for k, v in enc.state_dict().items() if "classifier" not in k}
-    old_weight = enc.head1.classifier.weight
-    enc.reset_classifiers(11)
-    after = enc.state_dict()
-    for k, v in before.items():
-        torch.testing.assert_close(after[k], v)
-    assert enc.num_classes == 11 and enc.head1.classifier.weight is not old_weight
-    assert all(p.requires_grad for p in enc.head1.classifier.parameters())
-    out = enc(torch.randn(2, 3, 64, 32))
-    assert [t.shape for t in out.logits] == [(2, 11), (2, 11)]
-    w = enc.head2.classifier.weight
-    assert w.shape == (11, 32) and 0.0005 < w.std().item() < 0.002
-    assert torch.all(enc.head1.classifier.bias == 0)
-
-
-def test_reset_classifiers_from_centroids(small_encoder):
-    enc = small_encoder.eval()
-    centroids = torch.randn(5, 32)
-    enc.reset_classifiers(5, init=centroids, scale=3.0)
-    expected = 3.0 * centroids / centroids.norm(dim=1, keepdim=True)
-    for head in (enc.head1, enc.head2):
-        torch.testing.assert_close(head.classifier.weight, expected)
-        assert torch.all(head.classifier.bias == 0)
-    out = enc(torch.randn(2, 3, 64, 32))
-    torch.testing.assert_close(out.logits[0], out.embeddings[0] @ expected.T)
-    with pytest.raises(ValueError, match=r"init must be \(6, 32\)"):
-        enc.reset_classifiers(6, init=centroids)
-
-
 def test_pretrained_download_failure_explains_fix(monkeypatch):
     def offline(self, *args, **kwargs):
         raise URLError("network is unreachable")

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from configs import typed_train
 from torch.utils.data import DataLoader, Dataset
 
 from dgnetpp_pl import objective
-from dgnetpp_pl.config import CONF_DIR, validate_config
+from dgnetpp_pl.config import ModelConfig
 from dgnetpp_pl.module import DGNetPP, NonFiniteLossError
+from dgnetpp_pl.schedule import AdaptSchedule
 
 H, W, B, N_SRC = 64, 32, 3, 6
 
 
-def small_model_cfg(**loss) -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = validate_config(compose(config_name="config", overrides=["experiment=demo"]))
-    m = OmegaConf.to_container(cfg.model, resolve=True)
-    m["loss"].update(loss)
-    return m
+def small_model_cfg() -> ModelConfig:
+    return typed_train("experiment=demo").model
+
+
+def make_model(stage: str, warmup_epochs: int = 0, cfg: ModelConfig | None = None, **kwargs) -> DGNetPP:
+    schedule = AdaptSchedule(stage, warmup_epochs=warmup_epochs)
+    return DGNetPP(cfg or small_model_cfg(), schedule, num_source_ids=N_SRC, **kwargs)
 
 
 def _smooth_images(n: int, g: torch.Generator) -> torch.Tensor:
@@ -83,7 +85,7 @@ def _changed(before: dict, after: dict) -> set[str]:
 
 @pytest.mark.parametrize("stage", ["source", "adapt"])
 def test_each_step_updates_exactly_its_parameters(stage, monkeypatch):
-    model = DGNetPP(small_model_cfg(), stage=stage, num_source_ids=N_SRC, target_capacity=4, warmup_epochs=1)
+    model = make_model(stage, warmup_epochs=1, target_capacity=4)
     snaps: dict[str, dict] = {}
     orig_d, orig_g = DGNetPP.discriminator_step, DGNetPP.generator_step
 
@@ -110,7 +112,7 @@ def test_each_step_updates_exactly_its_parameters(stage, monkeypatch):
 
 
 def test_frozen_reencoding_leaves_running_stats_and_weights_alone():
-    model = DGNetPP(small_model_cfg(), stage="adapt", num_source_ids=N_SRC, target_capacity=4)
+    model = make_model("adapt", target_capacity=4)
     x = torch.randn(4, 3, H, W, requires_grad=True)
     bn_before = {k: v.clone() for k, v in model.e_app.named_buffers()}
     out = objective.frozen_call(model.e_app, "forward", x)
@@ -124,7 +126,7 @@ def test_frozen_reencoding_leaves_running_stats_and_weights_alone():
 
 
 def test_appearance_code_reconstruction_is_gradient_free_as_in_the_official_code():
-    model = DGNetPP(small_model_cfg(), stage="adapt", num_source_ids=N_SRC, target_capacity=4)
+    model = make_model("adapt", target_capacity=4)
     d = FixedPairs("adapt").dom
     pair = objective.PairBatch(
         d["source"]["image"], d["source"]["pos"], d["source"]["label"],
@@ -134,7 +136,7 @@ def test_appearance_code_reconstruction_is_gradient_free_as_in_the_official_code
     fwd = objective.forward_pair(
         model.e_app, model.gen_a, model.gen_b, pair, flags, erasing_p=0.5, structure_detach_p=0.5
     )
-    g = objective.generator_losses(fwd, pair, flags, model.d_img, model.d_dom, model.cfg["loss"])
+    g = objective.generator_losses(fwd, pair, flags, model.d_img, model.d_dom, model.cfg.loss)
     assert not g["recon_f"].requires_grad
     assert g["cycle"].requires_grad and g["domain_adv"].requires_grad
     assert "id_t1" not in g  # no target ids during warm-up
@@ -153,8 +155,8 @@ class _Recorder(pl.Callback):
 def test_overfitting_a_fixed_batch_lowers_reconstruction_and_cycle():
     torch.manual_seed(0)
     cfg = small_model_cfg()
-    cfg["optim"]["source"].update(lr_g=1e-3, lr_d=1e-4, lr_app=1e-3)
-    model = DGNetPP(cfg, stage="source", num_source_ids=N_SRC)
+    cfg.optim.source = dataclasses.replace(cfg.optim.source, lr_g=1e-3, lr_d=1e-4, lr_app=1e-3)
+    model = make_model("source", cfg=cfg)
     rec = _Recorder()
     _fit(model, steps=40, callbacks=[rec])
     # Means of the first and last three steps: single steps are noisy (random erasing, dropout, the GAN).
@@ -167,7 +169,7 @@ def test_overfitting_a_fixed_batch_lowers_reconstruction_and_cycle():
 
 
 def test_bf16_mixed_steps_run_on_cpu_with_finite_losses():
-    model = DGNetPP(small_model_cfg(), stage="adapt", num_source_ids=N_SRC, target_capacity=4, warmup_epochs=1)
+    model = make_model("adapt", warmup_epochs=1, target_capacity=4)
     rec = _Recorder()
     _fit(model, steps=2, callbacks=[rec], precision="bf16-mixed")
     assert len(rec.rows) == 2
@@ -175,7 +177,7 @@ def test_bf16_mixed_steps_run_on_cpu_with_finite_losses():
 
 
 def test_nonfinite_loss_stops_naming_the_term(monkeypatch):
-    model = DGNetPP(small_model_cfg(), stage="source", num_source_ids=N_SRC)
+    model = make_model("source")
     orig = objective.generator_losses
 
     def poisoned(*a, **k):
@@ -189,7 +191,7 @@ def test_nonfinite_loss_stops_naming_the_term(monkeypatch):
 
 
 def test_nonfinite_steps_can_be_tolerated(monkeypatch):
-    model = DGNetPP(small_model_cfg(), stage="source", num_source_ids=N_SRC, skip_nonfinite_steps=2)
+    model = make_model("source", skip_nonfinite_steps=2)
     before = copy.deepcopy(model.gen_a.state_dict())
     orig = objective.generator_losses
 
@@ -208,7 +210,7 @@ def test_nonfinite_steps_can_be_tolerated(monkeypatch):
 
 
 def test_target_classes_are_masked_until_pseudo_labels_exist():
-    model = DGNetPP(small_model_cfg(), stage="adapt", num_source_ids=N_SRC, target_capacity=4)
+    model = make_model("adapt", target_capacity=4)
     logits = torch.zeros(2, N_SRC + 4)
     masked = objective.mask_logits(logits, N_SRC)
     assert (masked[:, N_SRC:] < -1e3).all() and (masked[:, :N_SRC] == 0).all()

@@ -1,40 +1,67 @@
 """Structured-config schemas: every hyper-parameter's name, type and default in one place.
 
-Hydra composes the YAML tree in ``conf/``; :func:`validate_config` merges it into these dataclasses, so an
-unknown key or a value of the wrong type fails at start-up with the key's full name.
+The YAML tree in ``conf/`` (shipped inside the package) holds only what differs from these defaults. Hydra
+composes it on top of the schemas, so an unknown key or a value of the wrong type fails at composition, and
+:func:`validate_config` then checks the values (ranges, choices from the registries, cross-field rules) and
+returns the typed :class:`RootConfig`. :func:`coerce` does the same for one section given as a plain dict, e.g.
+the hyper-parameters a checkpoint stores.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-# The YAML tree lives at the repository root (the package is installed in editable mode).
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from dgnetpp_pl.classifier import INITS
+from dgnetpp_pl.data.datasets import DATASETS
+from dgnetpp_pl.data.domains import STYLES
+from dgnetpp_pl.losses import REDUCTIONS
+from dgnetpp_pl.models.appearance import ARCHS
+from dgnetpp_pl.pseudo_labels import METHODS
+from dgnetpp_pl.schedule import STAGES, AdaptSchedule
+
+# The YAML tree ships with the package, so an installed wheel composes its own configs.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+DATASET_NAMES = ("synthetic", *sorted(DATASETS))
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the key."""
 
 
+# ------------------------------------------------------------------------------------------------- paths
 @dataclass
 class PathsConfig:
-    root_dir: str = "."
-    data_dir: str = "./data"
-    log_dir: str = "./outputs"
-    output_dir: str = "./outputs"
+    root_dir: str = "${oc.env:PROJECT_ROOT,.}"
+    # Datasets live here; DGNETPP_DATA overrides it.
+    data_dir: str = "${oc.env:DGNETPP_DATA,${paths.root_dir}/data}"
+    log_dir: str = "${paths.root_dir}/outputs"
+    output_dir: str = "${hydra:runtime.output_dir}"
 
 
+# -------------------------------------------------------------------------------------------------- data
 @dataclass
 class DomainConfig:
+    # A registered dataset (data.datasets.DATASETS) or "synthetic" (the built-in data).
     name: str = "synthetic"
+    # The dataset's folder; null looks for it under data.data_dir (the "folder" dataset needs a root).
     root: str | None = None
+    # Which built-in camera network a synthetic domain is drawn from.
     style: str = "source"
+    # Unparsable file names: an error (true) or skipped with a warning (false).
     strict: bool = True
+    # MSMT17 only: train on list_train + list_val (null: the reader's default, true).
+    combine_train_val: bool | None = None
 
 
 @dataclass
@@ -45,24 +72,35 @@ class SyntheticConfig:
     images_per_id_per_cam: list[int] | None = None
     num_distractors: int | None = None
     num_junk: int | None = None
+    # Draws the built-in data's identities, cameras and scenes.
+    seed: int = II("seed")
 
 
 @dataclass
 class DataConfig:
+    """``data_dir`` and ``synthetic.seed`` follow the root's ``paths.data_dir`` and ``seed``; set them when
+    building a ``DataConfig`` on its own."""
+
     source: DomainConfig = field(default_factory=DomainConfig)
     target: DomainConfig = field(default_factory=lambda: DomainConfig(style="target"))
-    data_dir: str = "./data"
+    data_dir: str = II("paths.data_dir")
     height: int = 256
     width: int = 128
     batch_size: int = 8
     test_batch_size: int = 80
     num_workers: int = 4
     pad: int = 10
+    # Decode every image at start-up and list all unreadable ones.
     verify: bool = False
+    # Hold out this fraction of the target train identities as the validation set (0: validate on target test).
     val_split: float = 0.0
-    synthetic: SyntheticConfig | None = None
+    # Draw target train images only among those with a pseudo-label (the official code drops outliers).
+    drop_target_outliers: bool = False
+    # Sizes of the built-in domains (used where a domain's name is "synthetic").
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
+# ------------------------------------------------------------------------------------------------- model
 @dataclass
 class AppearanceConfig:
     arch: str = "resnet50"
@@ -71,7 +109,11 @@ class AppearanceConfig:
     droprates: list[float] = field(default_factory=lambda: [0.5, 0.75])
     parts: int = 4
     detach_code: bool = True
+    # true: every real image in one encoder call (BatchNorm statistics over all, so training and evaluation see
+    # the same statistics). false: images whose outputs need no gradient (detached codes) go through a separate
+    # no-grad call that stores no activations (less memory; per-call statistics, as the official calls).
     joint_call: bool = True
+    # Recompute each ResNet stage in backward instead of storing its activations (less memory, more time).
     checkpoint: bool = False
 
 
@@ -82,6 +124,7 @@ class StructureConfig:
     n_res: int = 4
     # ASPP dilations; each must be smaller than the structure code's sides (H/4, W/4).
     aspp_dilations: list[int] = field(default_factory=lambda: [3, 6, 9])
+    # Recompute the encoder from its gray input in backward (cheap; saves its activations).
     checkpoint: bool = False
 
 
@@ -89,7 +132,9 @@ class StructureConfig:
 class DecoderConfig:
     n_res: int = 4
     mlp_dim: int = 512
+    # Recompute the decoder from its inputs in backward instead of storing its activations.
     checkpoint: bool = False
+    # Upsampling + 5x5 conv as one conv on the low-res map; norm + activation as one function. Same results.
     fused: bool = True
 
 
@@ -108,25 +153,24 @@ class DomainDisConfig:
 
 @dataclass
 class LossConfig:
-    recon_x: float = 5.0
-    recon_xp: float = 5.0
-    recon_xp_tgt: float = 0.0
-    recon_s: float = 1.0
-    recon_f: float = 1.0
-    lambda_cyc: float = 2.0
-    gan: float = 1.0
-    gan_g_scale: float = 2.0
-    r1: float = 0.01
-    id: float = 1.0
-    fine_grained: float = 0.4
-    pid: float = 1.0
-    lambda_id: float = 0.5
-    domain_adv: float = 1.0
-    domain_reduction: str = "mean"
+    recon_x: float = 5.0  # recon_x_w
+    recon_xp: float = 5.0  # recon_xp_w (source positives)
+    recon_xp_tgt: float = 0.0  # recon_xp_tgt_w (target positives)
+    recon_s: float = 1.0  # recon_s_w
+    recon_f: float = 1.0  # recon_f_w (gradient-free in the official code, kept so)
+    lambda_cyc: float = 2.0  # recon_x_cyc_w
+    gan: float = 1.0  # gan_w
+    gan_g_scale: float = 2.0  # the official x2 on the generator LSGAN term
+    r1: float = 0.01  # R1 penalty on real images
+    id: float = 1.0  # id_w
+    fine_grained: float = 0.4  # teacher_w * B_w
+    pid: float = 1.0  # pid_w
+    lambda_id: float = 0.5  # recon_id_w
+    domain_adv: float = 1.0  # id_adv_w (warm-up only)
+    domain_reduction: str = "mean"  # official: sum
     domain_g_scale: float = 2.0
-    teacher_w: float = 0.0
     erasing_p: float = 0.5
-    structure_detach_p: float = 0.5
+    structure_detach_p: float = 0.5  # use_encoder_again: chance of re-encoding the detached fake
 
 
 @dataclass
@@ -152,8 +196,8 @@ class OptimConfig:
 
 @dataclass
 class FeatureConfig:
-    alpha: float = 0.5
-    flip: bool = True
+    alpha: float = 0.5  # weight of the fine-grained half
+    flip: bool = True  # add the features of the horizontally flipped image
 
 
 @dataclass
@@ -172,23 +216,30 @@ class ModelConfig:
     channels_last: bool = False
 
 
+# ------------------------------------------------------------------------------------------ pseudo-labels
 @dataclass
 class PseudoLabelConfig:
+    # A clustering method of pseudo_labels.METHODS.
     method: str = "kmeans"
-    k: int = 700
+    k: int = 700  # k-means clusters (fixed k keeps the classifier size stable)
     niter: int = 20
     every_n_epochs: int = 2
-    init_classifier: str = "centroids"
+    init_classifier: str = "centroids"  # centroids | random
+    # DBSCAN on the k-reciprocal Jaccard distance (the official recipe).
     eps: float = 0.45
     min_samples: int = 7
     k1: int = 20
     k2: int = 6
     lambda_: float = 0.3
+    # Target classifier capacity for DBSCAN; clusters beyond it are an error.
     max_clusters: int = 0
 
 
+# ---------------------------------------------------------------------------------------- trainer, stages
 @dataclass
 class TrainerConfig:
+    """Arguments of ``pytorch_lightning.Trainer``; ``max_epochs`` is set per stage from ``source`` / ``adapt``."""
+
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
@@ -218,23 +269,34 @@ class SourceStageConfig:
 @dataclass
 class AdaptStageConfig:
     max_epochs: int = 24
+    # Epochs of domain-adversarial alignment before self-training on pseudo-labels.
     warmup_epochs: int = 4
+    # lr2_ramp_factor: appearance-encoder LR multiplier from the first self-training epoch on.
     app_lr_ramp: float = 60.0
+    # Start the joint classifier's source rows from the source stage's classifier.
     keep_source_classifier: bool = True
 
 
 @dataclass
 class RootConfig:
     task_name: str = "train"
+    # source: DG-Net on the labelled source (direct transfer); adapt: DG-Net++ (runs source first unless init_ckpt).
     stage: str = "adapt"
     seed: int = 0
+    # Source-stage checkpoint that the adapt stage starts from; null trains the source stage first.
     init_ckpt: str | None = None
+    # Resume this run: a path, or "last" for the newest last.ckpt of this output directory.
     ckpt_path: str | None = None
     train: bool = True
     test: bool = True
+    # The metric a sweeper optimises; the entry point returns it.
     optimized_metric: str = "val/mAP_best"
+    # Tolerate up to N steps with a NaN/Inf loss (each is skipped and logged); 0 stops at the first.
     skip_nonfinite_steps: int = 0
+    # Keep freed host memory in the process (glibc), set by the command-line entry point: re-faulting gigabytes
+    # of activations each iteration costs up to 40% of the CPU time in the kernel. Peak memory is unchanged.
     keep_freed_memory: bool = True
+    # Packages whose classes `_target_` may name.
     allowed_targets: list[str] = field(
         default_factory=lambda: ["dgnetpp_pl", "torch", "torchvision", "pytorch_lightning"]
     )
@@ -247,40 +309,256 @@ class RootConfig:
     callbacks: dict[str, Any] = field(default_factory=dict)
     source: SourceStageConfig = field(default_factory=SourceStageConfig)
     adapt: AdaptStageConfig = field(default_factory=AdaptStageConfig)
-    # Present when composed by Hydra's debug/sweep groups; kept free-form.
-    hydra: Any = None
 
 
-_CHOICES = {
-    "stage": ("source", "adapt"),
-    "model.loss.domain_reduction": ("mean", "sum"),
-    "pseudo_label.method": ("kmeans", "dbscan"),
-    "pseudo_label.init_classifier": ("centroids", "random"),
-    "model.appearance.arch": ("resnet50", "resnet34", "resnet18"),
-    "data.source.name": ("synthetic", "market1501", "dukemtmc", "msmt17", "folder"),
-    "data.target.name": ("synthetic", "market1501", "dukemtmc", "msmt17", "folder"),
+# ------------------------------------------------------------------------------------------- other CLIs
+@dataclass
+class EvaluateConfig:
+    """``python -m dgnetpp_pl.evaluate``: a checkpoint on the target test split of ``data.target``."""
+
+    task_name: str = "evaluate"
+    # Draws the built-in data (data.synthetic.seed follows it).
+    seed: int = 0
+    ckpt_path: str = MISSING
+    # auto: a GPU when there is one.
+    device: str = "auto"
+    # Also report metrics after k-reciprocal re-ranking with k1, k2, lambda_.
+    rerank: bool = False
+    k1: int = 20
+    k2: int = 6
+    lambda_: float = 0.3
+    # Write a rank-list picture of vis_queries queries with their vis_topk matches and log it.
+    vis: bool = False
+    vis_queries: int = 8
+    vis_topk: int = 10
+    allowed_targets: list[str] = field(
+        default_factory=lambda: ["dgnetpp_pl", "torch", "torchvision", "pytorch_lightning"]
+    )
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExtractConfig:
+    """``python -m dgnetpp_pl.extract``: features of a folder of images from a checkpoint."""
+
+    task_name: str = "extract"
+    ckpt_path: str = MISSING
+    # A folder of person crops (searched recursively).
+    images: str = MISSING
+    # The features file (.pt or .npy); the records go beside it as <out>.csv.
+    out: str = MISSING
+    device: str = "auto"
+    batch_size: int = 64
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+SCHEMAS: dict[str, type] = {"train_schema": RootConfig, "evaluate_schema": EvaluateConfig}
+SCHEMAS["extract_schema"] = ExtractConfig
+
+
+def register_schemas() -> None:
+    """Store the schemas where the primary configs' defaults lists name them (Hydra's ConfigStore)."""
+    store = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        store.store(name=name, node=node)
+
+
+register_schemas()
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _finite_nonneg(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v) and v >= 0
+
+
+def _at_least(n: float) -> Callable[[Any], bool]:
+    return lambda v: v >= n
+
+
+def _within(lo: float, hi: float, closed_hi: bool = True) -> Callable[[Any], bool]:
+    return lambda v: math.isfinite(v) and lo <= v and (v <= hi if closed_hi else v < hi)
+
+
+def _one_of(choices: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices), f"expected one of {list(choices)}"
+
+
+# (schema, field) -> (predicate, what is expected). "*" applies to every field of the schema.
+_RULES: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
+    (RootConfig, "stage"): _one_of(STAGES),
+    (RootConfig, "seed"): (_at_least(0), "must be >= 0"),
+    (RootConfig, "skip_nonfinite_steps"): (_at_least(0), "must be >= 0"),
+    (DomainConfig, "name"): _one_of(DATASET_NAMES),
+    (DomainConfig, "style"): _one_of(tuple(STYLES)),
+    (SyntheticConfig, "seed"): (_at_least(0), "must be >= 0"),
+    (DataConfig, "height"): (lambda v: v >= 16 and v % 4 == 0, "must be a multiple of 4, >= 16"),
+    (DataConfig, "width"): (lambda v: v >= 16 and v % 4 == 0, "must be a multiple of 4, >= 16"),
+    (DataConfig, "batch_size"): (_at_least(1), "must be >= 1"),
+    (DataConfig, "test_batch_size"): (_at_least(1), "must be >= 1"),
+    (DataConfig, "num_workers"): (_at_least(0), "must be >= 0"),
+    (DataConfig, "pad"): (_at_least(0), "must be >= 0"),
+    (DataConfig, "val_split"): (_within(0.0, 1.0, closed_hi=False), "must be in [0, 1)"),
+    (AppearanceConfig, "arch"): _one_of(ARCHS),
+    (AppearanceConfig, "last_stride"): (lambda v: v in (1, 2), "must be 1 or 2"),
+    (AppearanceConfig, "bottleneck_dim"): (_at_least(1), "must be >= 1"),
+    (AppearanceConfig, "parts"): (_at_least(1), "must be >= 1"),
+    (AppearanceConfig, "droprates"): (
+        lambda v: len(v) == 2 and all(0.0 <= p < 1.0 for p in v),
+        "must be two rates in [0, 1)",
+    ),
+    (StructureConfig, "dim"): (lambda v: v >= 2 and v % 2 == 0, "must be even, >= 2"),
+    (StructureConfig, "n_downsample"): (_at_least(1), "must be >= 1"),
+    (StructureConfig, "n_res"): (_at_least(1), "must be >= 1"),
+    (StructureConfig, "aspp_dilations"): (lambda v: all(d >= 1 for d in v), "must all be >= 1"),
+    (DecoderConfig, "mlp_dim"): (_at_least(1), "must be >= 1"),
+    (ImageDisConfig, "dim"): (_at_least(1), "must be >= 1"),
+    (ImageDisConfig, "n_layer"): (_at_least(1), "must be >= 1"),
+    (ImageDisConfig, "n_res"): (_at_least(0), "must be >= 0"),
+    (ImageDisConfig, "num_scales"): (_at_least(1), "must be >= 1"),
+    (DomainDisConfig, "hidden"): (lambda v: all(h >= 1 for h in v), "must all be >= 1"),
+    (LossConfig, "*"): (_finite_nonneg, "must be a finite number >= 0"),
+    (LossConfig, "domain_reduction"): _one_of(REDUCTIONS),
+    (LossConfig, "erasing_p"): (_within(0.0, 1.0), "must be a probability in [0, 1]"),
+    (LossConfig, "structure_detach_p"): (_within(0.0, 1.0), "must be a probability in [0, 1]"),
+    (StageLR, "*"): (_finite_nonneg, "must be a finite rate >= 0"),
+    (OptimConfig, "head_lr_mult"): (_finite_nonneg, "must be a finite number >= 0"),
+    (OptimConfig, "weight_decay"): (_finite_nonneg, "must be a finite number >= 0"),
+    (OptimConfig, "betas"): (lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v), "must be two values in [0, 1)"),
+    (OptimConfig, "momentum"): (_within(0.0, 1.0, closed_hi=False), "must be in [0, 1)"),
+    (OptimConfig, "milestones"): (lambda v: all(m >= 0 for m in v), "must all be >= 0"),
+    (OptimConfig, "gamma"): (lambda v: math.isfinite(v) and v > 0, "must be > 0"),
+    (OptimConfig, "grad_clip"): (lambda v: v is None or (math.isfinite(v) and v > 0), "must be null or > 0"),
+    (FeatureConfig, "alpha"): (_finite_nonneg, "must be a finite number >= 0"),
+    (PseudoLabelConfig, "method"): _one_of(tuple(METHODS)),
+    (PseudoLabelConfig, "k"): (_at_least(1), "must be >= 1"),
+    (PseudoLabelConfig, "niter"): (_at_least(1), "must be >= 1"),
+    (PseudoLabelConfig, "every_n_epochs"): (_at_least(1), "must be >= 1"),
+    (PseudoLabelConfig, "init_classifier"): _one_of(INITS),
+    (PseudoLabelConfig, "eps"): (lambda v: math.isfinite(v) and v > 0, "must be > 0"),
+    (PseudoLabelConfig, "min_samples"): (_at_least(1), "must be >= 1"),
+    (PseudoLabelConfig, "k1"): (_at_least(1), "must be >= 1"),
+    (PseudoLabelConfig, "k2"): (_at_least(1), "must be >= 1"),
+    (PseudoLabelConfig, "lambda_"): (_within(0.0, 1.0), "must be in [0, 1]"),
+    (PseudoLabelConfig, "max_clusters"): (_at_least(0), "must be >= 0"),
+    (SourceStageConfig, "max_epochs"): (_at_least(1), "must be >= 1"),
+    (AdaptStageConfig, "max_epochs"): (_at_least(1), "must be >= 1"),
+    (AdaptStageConfig, "warmup_epochs"): (_at_least(0), "must be >= 0"),
+    (AdaptStageConfig, "app_lr_ramp"): (lambda v: math.isfinite(v) and v > 0, "must be > 0"),
+    (AdaptSchedule, "stage"): _one_of(STAGES),
+    (AdaptSchedule, "warmup_epochs"): (_at_least(0), "must be >= 0"),
+    (AdaptSchedule, "refresh_every"): (_at_least(1), "must be >= 1"),
+    (AdaptSchedule, "app_lr_ramp"): (lambda v: math.isfinite(v) and v > 0, "must be > 0"),
+    (EvaluateConfig, "k1"): (_at_least(1), "must be >= 1"),
+    (EvaluateConfig, "k2"): (_at_least(1), "must be >= 1"),
+    (EvaluateConfig, "lambda_"): (_within(0.0, 1.0), "must be in [0, 1]"),
+    (EvaluateConfig, "vis_queries"): (_at_least(1), "must be >= 1"),
+    (EvaluateConfig, "vis_topk"): (_at_least(1), "must be >= 1"),
+    (ExtractConfig, "batch_size"): (_at_least(1), "must be >= 1"),
 }
 
 
-def validate_config(cfg: DictConfig) -> DictConfig:
-    """Merge ``cfg`` into :class:`RootConfig`, rejecting unknown keys, wrong types and invalid choices."""
-    schema = OmegaConf.structured(RootConfig)
-    try:
-        merged = OmegaConf.merge(schema, cfg)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
+def _domain_rules(d: DomainConfig, key: str) -> None:
+    if d.name == "folder" and not d.root:
+        raise ConfigError(f"{key}.root is not set: the 'folder' dataset needs the folder of its images.")
+    if d.combine_train_val is not None and d.name != "msmt17":
         raise ConfigError(
-            f"Invalid configuration at key '{key}': {err.msg if hasattr(err, 'msg') else err}. "
-            "Check the spelling of the override or the YAML file; `python -m dgnetpp_pl --cfg job` prints the tree."
-        ) from None
-    for key, allowed in _CHOICES.items():
-        value = OmegaConf.select(merged, key, throw_on_missing=False)
-        if value not in allowed:
-            raise ConfigError(f"Invalid value {value!r} for key '{key}'; expected one of {list(allowed)}.")
-    if merged.adapt.warmup_epochs > merged.adapt.max_epochs:
-        raise ConfigError(
-            f"adapt.warmup_epochs={merged.adapt.warmup_epochs} exceeds adapt.max_epochs={merged.adapt.max_epochs}."
+            f"{key}.combine_train_val applies to msmt17 only, but {key}.name is {d.name!r}; remove the override."
         )
-    if merged.pseudo_label.every_n_epochs < 1:
-        raise ConfigError("pseudo_label.every_n_epochs must be >= 1.")
-    return merged
+
+
+def _data_rules(d: DataConfig, key: str) -> None:
+    _domain_rules(d.source, f"{key}.source")
+    _domain_rules(d.target, f"{key}.target")
+
+
+def _model_rules(m: ModelConfig, key: str, image_size: tuple[int, int] | None = None) -> None:
+    if m.decoder.n_res != m.structure.n_res:
+        raise ConfigError(
+            f"{key}.decoder.n_res={m.decoder.n_res} must equal {key}.structure.n_res={m.structure.n_res} "
+            "(one AdaIN block per code chunk)."
+        )
+    if image_size is not None and m.structure.aspp_dilations:
+        side = min(image_size) // 2**m.structure.n_downsample
+        if max(m.structure.aspp_dilations) >= side:
+            raise ConfigError(
+                f"{key}.structure.aspp_dilations={list(m.structure.aspp_dilations)}: each must be smaller than the "
+                f"structure code's shorter side ({side} for {image_size[0]}x{image_size[1]} images); lower them "
+                "or raise data.height / data.width."
+            )
+
+
+def _root_rules(c: RootConfig) -> None:
+    _data_rules(c.data, "data")
+    _model_rules(c.model, "model", (c.data.height, c.data.width))
+    if c.adapt.warmup_epochs > c.adapt.max_epochs:
+        raise ConfigError(f"adapt.warmup_epochs={c.adapt.warmup_epochs} exceeds adapt.max_epochs={c.adapt.max_epochs}.")
+    if c.stage == "adapt" and c.pseudo_label.method == "dbscan" and c.pseudo_label.max_clusters < 1:
+        raise ConfigError(
+            "pseudo_label.max_clusters must be >= 1 with pseudo_label.method=dbscan: it is the target classifier's "
+            "capacity (pseudo_label=dbscan sets 4000)."
+        )
+
+
+# Cross-field rules of the schemas that are validated as a whole (a root config, or one section of a checkpoint).
+_CROSS: dict[type, Callable[[Any, str], None]] = {
+    RootConfig: lambda c, key: _root_rules(c),
+    EvaluateConfig: lambda c, key: _data_rules(c.data, "data"),
+    DataConfig: _data_rules,
+    ModelConfig: _model_rules,
+}
+
+
+def check_values(obj: Any, key: str = "") -> None:
+    """Apply the per-field value rules to a typed config and every section inside it; a ConfigError names the key."""
+    cls = type(obj)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        full = f"{key}.{f.name}" if key else f.name
+        if dataclasses.is_dataclass(value):
+            check_values(value, full)
+            continue
+        rule = _RULES.get((cls, f.name)) or (_RULES.get((cls, "*")) if not isinstance(value, str) else None)
+        if rule is not None and value is not None and not rule[0](value):
+            raise ConfigError(f"Invalid value {value!r} for key '{full}': {rule[1]}.")
+
+
+def _merge_error(err: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    key = f"{where}.{key}" if where and key != "?" else key
+    return ConfigError(
+        f"Invalid configuration at key '{key}': {err.msg if hasattr(err, 'msg') else err}. "
+        "Check the spelling of the override or the YAML file; `python -m dgnetpp_pl --cfg job` prints the tree."
+    )
+
+
+def coerce(schema: type[T], data: Mapping[str, Any] | T | DictConfig, where: str = "") -> T:
+    """Rebuild a typed config from a plain dict (e.g. a checkpoint's hyper-parameters), or check an instance.
+
+    Unknown keys, wrong types and invalid values raise :class:`ConfigError` naming the key (prefixed by
+    ``where``, e.g. ``"model"``). Missing keys take the schema's defaults.
+    """
+    if isinstance(data, schema):
+        typed = data
+    else:
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(schema), data)
+            typed = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as err:
+            raise _merge_error(err, where) from None
+    check_values(typed, where)
+    cross = _CROSS.get(schema)
+    if cross is not None:
+        cross(typed, where)
+    return typed
+
+
+def validate_config(cfg: DictConfig | Mapping[str, Any] | RootConfig) -> RootConfig:
+    """The typed, checked training config: unknown keys, wrong types and invalid values raise ConfigError."""
+    return coerce(RootConfig, cfg)
+
+
+def plain(obj: Any) -> Any:
+    """A typed config as plain dicts and lists (what a checkpoint or a logger stores)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

@@ -5,27 +5,26 @@ Python::
     from dgnetpp_pl.extract import FeatureExtractor
     feats = FeatureExtractor("model.ckpt")(["a.jpg", "b.jpg"])      # (2, D) unit-norm features
 
-CLI: ``python -m dgnetpp_pl.extract ckpt_path=... images=DIR out=FILE`` writes the features (.pt or .npy) and a
-CSV of the records beside them.
+CLI: ``python -m dgnetpp_pl.extract ckpt_path=... images=DIR out=FILE`` (or ``dgnetpp-extract``) writes the
+features (.pt or .npy) and a CSV of the records beside them (pid and camera from Market-style file names, else -1).
 """
 
 from __future__ import annotations
 
-import re
-import sys
+import csv
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from omegaconf import DictConfig
 from PIL import Image
 
-from dgnetpp_pl.data.datasets import load_image
+from dgnetpp_pl.cli import run_app
+from dgnetpp_pl.config import ExtractConfig, coerce
+from dgnetpp_pl.data.datasets import IMAGE_EXTENSIONS, load_image, parse_market_name
 from dgnetpp_pl.data.transforms import build_test_transform
-from dgnetpp_pl.features import embed_images, save_features
 from dgnetpp_pl.inference import load_model, pick_device
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
-_MARKET = re.compile(r"^(-?\d+)_c(\d+)")
 
 
 class FeatureExtractor:
@@ -37,8 +36,6 @@ class FeatureExtractor:
         height, width = self.model.hparams.image_size
         self.transform = build_test_transform(height, width)
         self.batch_size = batch_size
-        f = self.model.cfg["features"]
-        self.alpha, self.flip = f["alpha"], f["flip"]
 
     @torch.no_grad()
     def __call__(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
@@ -47,7 +44,7 @@ class FeatureExtractor:
             chunk = images[start : start + self.batch_size]
             pil = [im if isinstance(im, Image.Image) else load_image(str(im)) for im in chunk]
             x = torch.stack([self.transform(im.convert("RGB")) for im in pil]).to(self.device)
-            out.append(embed_images(self.model.e_app, x, self.alpha, self.flip).cpu())
+            out.append(self.model.embed(x).cpu())
         return torch.cat(out) if out else torch.empty(0)
 
 
@@ -56,37 +53,52 @@ def list_images(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"images={root} is not a folder; point it at a folder of person crops.")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise FileNotFoundError(f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}.")
+        raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}.")
     return files
 
 
 def parse_ids(path: Path) -> tuple[int, int]:
     """(pid, camid) from a Market/Duke-style name, or (-1, -1) when the name carries none."""
-    m = _MARKET.match(path.name)
-    return (int(m.group(1)), int(m.group(2)) - 1) if m else (-1, -1)
+    return parse_market_name(path.name) or (-1, -1)
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv))
-    missing = {"ckpt_path", "images", "out"} - set(args)
-    if missing:
-        raise SystemExit(f"usage: python -m dgnetpp_pl.extract ckpt_path=FILE images=DIR out=FILE; missing {missing}")
-    files = list_images(args["images"])
-    extractor = FeatureExtractor(args["ckpt_path"], device=args.get("device", "auto"))
+def save_features(path: str | Path, feats: torch.Tensor, files: Sequence[Path]) -> Path:
+    """Write ``feats`` ``(N, D)`` to ``path`` (.pt with the records, or .npy) and the records to ``<path>.csv``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = [parse_ids(f) for f in files]
+    if path.suffix == ".npy":
+        np.save(path, feats.numpy())
+    else:
+        pids, camids = torch.tensor([i[0] for i in ids]), torch.tensor([i[1] for i in ids])
+        torch.save({"feats": feats, "paths": [str(f) for f in files], "pids": pids, "camids": camids}, path)
+    with open(path.with_suffix(path.suffix + ".csv"), "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["row", "path", "pid", "camid"])
+        writer.writerows((i, str(f), pid, cam) for i, (f, (pid, cam)) in enumerate(zip(files, ids)))
+    return path
+
+
+def extract(cfg: ExtractConfig | DictConfig) -> Path:
+    """Features of every image under ``cfg.images`` into ``cfg.out``; returns the features file."""
+    cfg = coerce(ExtractConfig, cfg)
+    extractor = FeatureExtractor(cfg.ckpt_path, device=cfg.device, batch_size=cfg.batch_size)
+    files = list_images(cfg.images)
     feats = extractor(files)
-    ids = [parse_ids(p) for p in files]
-    out = Path(args["out"])
-    save_features(
-        out,
-        feats,
-        [str(p) for p in files],
-        torch.tensor([i[0] for i in ids]),
-        torch.tensor([i[1] for i in ids]),
-    )
+    out = save_features(cfg.out, feats, files)
     print(f"wrote {feats.shape[0]} x {feats.shape[1]} features to {out} (records in {out}.csv)")
     return out
+
+
+def extract_task(cfg: DictConfig) -> None:
+    extract(cfg)
+
+
+def main() -> None:
+    """``python -m dgnetpp_pl.extract`` / ``dgnetpp-extract``."""
+    run_app("extract", extract_task)
 
 
 if __name__ == "__main__":

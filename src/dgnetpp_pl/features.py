@@ -8,8 +8,6 @@ normalised again, and the fine-grained half is weighted: ``f = [g1, sqrt(alpha) 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,33 +24,16 @@ def _embed(e_app: AppearanceEncoder, x: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def embed_images(e_app: AppearanceEncoder, x: Tensor, alpha: float = 0.5, flip: bool = True) -> Tensor:
-    """Unit-norm re-ID features ``(B, 2 * bottleneck)`` of normalised images ``(B, 3, H, W)``; eval mode assumed."""
+    """Unit-norm re-ID features ``(B, 2 * bottleneck)`` of normalised images ``(B, 3, H, W)``; eval mode assumed.
+
+    ``alpha`` and ``flip`` are ``model.features``; every caller passes the model's own.
+    """
     g1, g2 = _embed(e_app, x)
     if flip:
         f1, f2 = _embed(e_app, torch.flip(x, dims=[3]))
         g1, g2 = g1 + f1, g2 + f2
     g1, g2 = F.normalize(g1, dim=1), F.normalize(g2, dim=1)
     return torch.cat([g1, math.sqrt(alpha) * g2], dim=1) / math.sqrt(1.0 + alpha)
-
-
-@torch.no_grad()
-def extract_features(
-    e_app: AppearanceEncoder, loader: Iterable[dict], alpha: float = 0.5, flip: bool = True, device=None
-) -> dict[str, Tensor]:
-    """Features of every sample of an eval loader: ``{"feats" (N, D), "pids", "camids", "index"}`` on the CPU."""
-    was_training = e_app.training
-    e_app.eval()
-    device = device or next(e_app.parameters()).device
-    out: dict[str, list[Tensor]] = {"feats": [], "pids": [], "camids": [], "index": []}
-    try:
-        for batch in loader:
-            out["feats"].append(embed_images(e_app, batch["image"].to(device), alpha, flip).cpu())
-            out["pids"].append(batch["pid"].cpu())
-            out["camids"].append(batch["camid"].cpu())
-            out["index"].append(batch["index"].cpu())
-    finally:
-        e_app.train(was_training)
-    return {k: torch.cat(v) if v else torch.empty(0) for k, v in out.items()}
 
 
 def check_finite(feats: Tensor, what: str) -> None:
@@ -63,19 +44,3 @@ def check_finite(feats: Tensor, what: str) -> None:
             f"{int(bad.sum())} of {feats.shape[0]} {what} feature rows hold NaN or Inf; the appearance encoder "
             "has diverged. Lower the learning rates or resume from the last good checkpoint."
         )
-
-
-def save_features(path: str | Path, feats: Tensor, paths: list[str], pids: Tensor, camids: Tensor) -> None:
-    """Write ``feats`` to ``path`` (.pt or .npy) and the records beside it as ``<path>.csv``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".npy":
-        import numpy as np
-
-        np.save(path, feats.numpy())
-    else:
-        torch.save({"feats": feats, "paths": paths, "pids": pids, "camids": camids}, path)
-    with open(path.with_suffix(path.suffix + ".csv"), "w") as fh:
-        fh.write("row,path,pid,camid\n")
-        for i, (p, pid, cam) in enumerate(zip(paths, pids.tolist(), camids.tolist())):
-            fh.write(f"{i},{p},{pid},{cam}\n")

@@ -1,13 +1,53 @@
-"""Load a trained checkpoint for inference: the model plus the image size it was trained at."""
+"""Models outside a training run: build one from its config, write it as a checkpoint without a Trainer, and load
+a checkpoint for inference (with the image size it was trained at)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 
 from dgnetpp_pl.checkpoints import CheckpointError, load_checkpoint
+from dgnetpp_pl.config import ConfigError, ModelConfig
 from dgnetpp_pl.module import DGNetPP
+from dgnetpp_pl.schedule import AdaptSchedule
+
+
+def build_model(
+    stage: str,
+    model: ModelConfig,
+    num_source_ids: int,
+    target_capacity: int = 0,
+    schedule: AdaptSchedule | None = None,
+    image_size: tuple[int, int] = (256, 128),
+) -> DGNetPP:
+    """A freshly initialised :class:`DGNetPP` of ``stage`` (``"source"`` or ``"adapt"``).
+
+    ``num_source_ids`` source classes plus ``target_capacity`` target rows (adapt stage) size the joint classifier;
+    ``schedule`` defaults to the stage with no warm-up; ``image_size`` is ``(height, width)``.
+    """
+    schedule = schedule if schedule is not None else AdaptSchedule(stage=stage)
+    if schedule.stage != stage:
+        raise ValueError(f"build_model: stage {stage!r} but the schedule is of stage {schedule.stage!r}.")
+    return DGNetPP(model, schedule, num_source_ids, target_capacity, image_size=image_size)
+
+
+def save_model_checkpoint(model: DGNetPP, path: str | Path) -> Path:
+    """Write ``model``'s weights and hyper-parameters as a checkpoint that :func:`load_model`, ``init_ckpt=`` and
+    the ``evaluate`` CLI accept (tensors and plain values only: it loads with ``weights_only=True``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "dgnetpp": {"stage": model.stage, "phase": model.phase, "app_lr_scale": model.app_lr_scale},
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": pl.__version__,
+    }
+    torch.save(checkpoint, path)
+    return path
 
 
 def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> DGNetPP:
@@ -19,7 +59,10 @@ def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> DGN
             f"Checkpoint {ckpt_path} has no model hyper-parameters; it was not written by dgnetpp_pl."
         )
     hp["model"] = {**hp["model"], "pretrained": False}  # the checkpoint holds the weights
-    model = DGNetPP(**hp)
+    try:
+        model = DGNetPP(**hp)
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"Checkpoint {ckpt_path} holds hyper-parameters this version cannot use: {err}") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
@@ -28,6 +71,7 @@ def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> DGN
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU; any other name as torch spells it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,9 @@ from dgnetpp_pl.data.transforms import random_erasing
 from dgnetpp_pl.models.appearance import AppearanceEncoder
 from dgnetpp_pl.models.discriminators import DomainDiscriminator, MultiScaleImageDiscriminator
 from dgnetpp_pl.models.generator import Generator
+
+if TYPE_CHECKING:
+    from dgnetpp_pl.config import LossConfig
 
 
 @dataclass
@@ -273,43 +277,73 @@ def generator_losses(
     flags: StepFlags,
     d_img: MultiScaleImageDiscriminator,
     d_dom: DomainDiscriminator | None,
-    w: dict[str, float],
+    w: LossConfig,
 ) -> dict[str, Tensor]:
     """Weighted generator/encoder terms; ``w`` is the ``model.loss`` config. Keys are logged as ``train/<key>``."""
     t = fwd.tensors
     l1 = losses.recon_l1
     out: dict[str, Tensor] = {}
-    out["recon_x"] = w["recon_x"] * (l1(t["x_a_recon"], batch.x_a) + l1(t["x_b_recon"], batch.x_b))
-    out["recon_xp"] = w["recon_xp"] * l1(t["x_a_recon_p"], batch.x_a)
+    out["recon_x"] = w.recon_x * (l1(t["x_a_recon"], batch.x_a) + l1(t["x_b_recon"], batch.x_b))
+    out["recon_xp"] = w.recon_xp * l1(t["x_a_recon_p"], batch.x_a)
     if "x_b_recon_p" in t:
         out["recon_xp"] = out["recon_xp"] + flags.recon_xp_b * l1(t["x_b_recon_p"], batch.x_b)
-    out["recon_s"] = w["recon_s"] * (l1(t["s_a_recon"], t["s_a"]) + l1(t["s_b_recon"], t["s_b"]))
-    out["recon_f"] = w["recon_f"] * (l1(t["f_a_recon"], t["f_a"]) + l1(t["f_b_recon"], t["f_b"]))
-    out["cycle"] = w["lambda_cyc"] * (l1(t["x_aba"], batch.x_a) + l1(t["x_bab"], batch.x_b))
+    out["recon_s"] = w.recon_s * (l1(t["s_a_recon"], t["s_a"]) + l1(t["s_b_recon"], t["s_b"]))
+    out["recon_f"] = w.recon_f * (l1(t["f_a_recon"], t["f_a"]) + l1(t["f_b_recon"], t["f_b"]))
+    out["cycle"] = w.lambda_cyc * (l1(t["x_aba"], batch.x_a) + l1(t["x_bab"], batch.x_b))
     with frozen(d_img):
         d_fake = d_img(torch.cat([fwd.x_ba, fwd.x_ab]))
     bsz = batch.x_a.shape[0]
-    gan = sum(
-        losses.lsgan_g_loss([o[h * bsz : (h + 1) * bsz] for o in d_fake], scale=w["gan_g_scale"]) for h in range(2)
-    )
-    out["gan"] = w["gan"] * gan
+    gan = sum(losses.lsgan_g_loss([o[h * bsz : (h + 1) * bsz] for o in d_fake], scale=w.gan_g_scale) for h in range(2))
+    out["gan"] = w.gan * gan
     ce = losses.id_loss
-    out["id_s1"] = w["id"] * (ce(t["id1_a"], batch.l_a) + w["fine_grained"] * ce(t["id2_a"], batch.l_a))
-    out["pid"] = w["pid"] * ce(t["pid_a"], batch.l_a)
-    out["id_s2"] = w["lambda_id"] * ce(t["re_logits_ba"], batch.l_a)
+    out["id_s1"] = w.id * (ce(t["id1_a"], batch.l_a) + w.fine_grained * ce(t["id2_a"], batch.l_a))
+    out["pid"] = w.pid * ce(t["pid_a"], batch.l_a)
+    out["id_s2"] = w.lambda_id * ce(t["re_logits_ba"], batch.l_a)
     if flags.b_ids:
-        out["id_t1"] = w["id"] * (ce(t["id1_b"], batch.l_b) + w["fine_grained"] * ce(t["id2_b"], batch.l_b))
-        out["id_t2"] = w["lambda_id"] * ce(t["re_logits_ab"], batch.l_b)
+        out["id_t1"] = w.id * (ce(t["id1_b"], batch.l_b) + w.fine_grained * ce(t["id2_b"], batch.l_b))
+        out["id_t2"] = w.lambda_id * ce(t["re_logits_ab"], batch.l_b)
     if flags.pid_b:
-        out["pid"] = out["pid"] + w["pid"] * ce(t["pid_b"], batch.l_b)
+        out["pid"] = out["pid"] + w.pid * ce(t["pid_b"], batch.l_b)
     if flags.domain_adv and d_dom is not None:
         with frozen(d_dom):
             d_t = d_dom(t["fe_b"])
-        out["domain_adv"] = w["domain_adv"] * losses.domain_g_loss(
-            d_t, w["domain_reduction"], scale=w["domain_g_scale"]
-        )
+        out["domain_adv"] = w.domain_adv * losses.domain_g_loss(d_t, w.domain_reduction, scale=w.domain_g_scale)
     out["g_total"] = sum(out.values())
     return out
+
+
+def pair_from_batch(
+    batch: dict[str, dict[str, Tensor]], phase: str, num_source_ids: int, num_target_classes: int, w: LossConfig
+) -> tuple[PairBatch, StepFlags]:
+    """The two halves of one iteration and the terms active in ``phase``.
+
+    Source stage: the first and second half of a source batch of 2B images. Adapt stage: the source batch and
+    the target batch, target pseudo-labels shifted past the ``num_source_ids`` source classes (-1 stays -1).
+    """
+    if phase == "source":
+        src = batch["source"]
+        half = src["image"].shape[0] // 2
+        pair = PairBatch(
+            x_a=src["image"][:half], xp_a=src["pos"][:half], l_a=src["label"][:half],
+            x_b=src["image"][half:], xp_b=src["pos"][half:], l_b=src["label"][half:],
+        )  # fmt: skip
+        flags = StepFlags(
+            b_ids=True, domain_adv=False, recon_xp_b=w.recon_xp, pid_b=True, num_active_classes=num_source_ids
+        )
+        return pair, flags
+    s, t = batch["source"], batch["target"]
+    self_training = phase == "self_training" and num_target_classes > 0
+    labels = t["label"]
+    l_b = torch.where(labels >= 0, labels + num_source_ids, torch.full_like(labels, -1))
+    pair = PairBatch(x_a=s["image"], xp_a=s["pos"], l_a=s["label"], x_b=t["image"], xp_b=t["pos"], l_b=l_b)
+    flags = StepFlags(
+        b_ids=self_training,
+        domain_adv=phase == "warmup" and w.domain_adv > 0,
+        recon_xp_b=w.recon_xp_tgt,
+        pid_b=False,
+        num_active_classes=num_source_ids + (num_target_classes if self_training else 0),
+    )
+    return pair, flags
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -328,6 +362,7 @@ __all__ = [
     "image_d_loss",
     "domain_d_loss",
     "generator_losses",
+    "pair_from_batch",
     "frozen",
     "frozen_call",
     "mask_logits",

@@ -277,3 +277,7 @@ def _labels(x: np.ndarray | torch.Tensor, name: str, n: int | None = None) -> np
     if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
     return arr.astype(np.int64)
+
+
+# The clustering methods that ``pseudo_label.method`` names.
+METHODS = {"kmeans": kmeans_pseudo_labels, "dbscan": dbscan_pseudo_labels}

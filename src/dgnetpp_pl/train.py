@@ -1,49 +1,68 @@
-"""Training entry point: compose data, model, callbacks, loggers and trainer from the config, fit, test, and
-return the optimised metric for sweepers. ``python -m dgnetpp_pl`` and ``dgnetpp-train`` call :func:`main`.
+"""Training entry point: build the datamodule, the schedule, the module, the callbacks, the loggers and the trainer
+from the typed config, fit, test, and return the optimised metric for sweepers. ``python -m dgnetpp_pl`` and
+``dgnetpp-train`` call :func:`main`.
+
+Wiring of one stage (every object receives its typed config section; data flows one way)::
+
+    PseudoLabelStore ──► CrossDomainDataModule (its train sampler reads the labels)
+          ▲                        │ batches
+          │ labels                 ▼
+    PseudoLabelCallback ◄── DGNetPP (features; set_target_classes is its one surgery method)
+          both ask AdaptSchedule: phase(epoch), refresh_due(epoch), app_lr_scale(epoch)
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from dgnetpp_pl.allocator import keep_freed_memory
 from dgnetpp_pl.callbacks.pseudo_label import PseudoLabelCallback
 from dgnetpp_pl.checkpoints import load_checkpoint, resolve_resume
-from dgnetpp_pl.config import CONF_DIR, ConfigError, validate_config
+from dgnetpp_pl.cli import run_app
+from dgnetpp_pl.config import ConfigError, RootConfig, plain, validate_config
 from dgnetpp_pl.data.datamodule import CrossDomainDataModule
 from dgnetpp_pl.instantiate import instantiate_group
+from dgnetpp_pl.label_store import PseudoLabelStore
 from dgnetpp_pl.module import DGNetPP
 from dgnetpp_pl.report import print_summary, write_sweep_summary
+from dgnetpp_pl.schedule import AdaptSchedule
 from dgnetpp_pl.signals import CheckpointOnSigterm
 
 STAGE_LABELS = {"source": "direct transfer (source-only)", "adapt": "DG-Net++ adapted"}
 
 
-def build_datamodule(cfg: DictConfig, stage: str) -> CrossDomainDataModule:
-    d = OmegaConf.to_container(cfg.data, resolve=True)
-    synthetic = {k: v for k, v in (d.pop("synthetic") or {}).items() if v is not None}
-    return CrossDomainDataModule(**d, synthetic=synthetic or None, seed=cfg.seed, stage=stage)
+def build_datamodule(cfg: RootConfig, stage: str, labels: PseudoLabelStore | None = None) -> CrossDomainDataModule:
+    """The stage's datamodule; in the adapt stage its sampler reads the target pseudo-labels from ``labels``."""
+    return CrossDomainDataModule(cfg.data, stage=stage, seed=cfg.seed, labels=labels)
 
 
-def target_capacity(cfg: DictConfig) -> int:
-    pl_cfg = cfg.pseudo_label
-    return int(pl_cfg.k) if pl_cfg.method == "kmeans" else int(pl_cfg.max_clusters)
+def build_schedule(cfg: RootConfig, stage: str) -> AdaptSchedule:
+    """The stage's phases from ``adapt`` and ``pseudo_label.every_n_epochs``."""
+    if stage == "source":
+        return AdaptSchedule(stage="source")
+    return AdaptSchedule(
+        stage="adapt",
+        warmup_epochs=cfg.adapt.warmup_epochs,
+        refresh_every=cfg.pseudo_label.every_n_epochs,
+        app_lr_ramp=cfg.adapt.app_lr_ramp,
+    )
 
 
-def build_trainer(cfg: DictConfig, stage: str, callbacks: list, loggers: list, stage_dir: Path) -> pl.Trainer:
-    kw = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kw = {k: v for k, v in kw.items() if v is not None or k in ("limit_train_batches",)}
-    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "profiler"):
-        if kw.get(key) is None:
-            kw.pop(key, None)
+def target_capacity(cfg: RootConfig, stage: str) -> int:
+    """Target rows the joint classifier reserves: k (k-means) or max_clusters (DBSCAN); 0 in the source stage."""
+    if stage == "source":
+        return 0
+    return cfg.pseudo_label.k if cfg.pseudo_label.method == "kmeans" else cfg.pseudo_label.max_clusters
+
+
+def build_trainer(cfg: RootConfig, stage: str, callbacks: list, loggers: list, stage_dir: Path) -> pl.Trainer:
+    kw = {k: v for k, v in plain(cfg.trainer).items() if v is not None}
     max_epochs = cfg.source.max_epochs if stage == "source" else cfg.adapt.max_epochs
     if not kw.get("enable_progress_bar", True):
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.ProgressBar)]
@@ -53,7 +72,7 @@ def build_trainer(cfg: DictConfig, stage: str, callbacks: list, loggers: list, s
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(stage_dir.parent.parent),
-        # Pseudo-labels change between epochs: rebuild the train loader so workers see them.
+        # The epoch length follows the pseudo-labels with data.drop_target_outliers (see data/datamodule.py).
         reload_dataloaders_every_n_epochs=1,
         use_distributed_sampler=True,
     )
@@ -83,7 +102,23 @@ def with_last_checkpoint_every_epoch(callbacks: list, stage_dir: Path) -> list:
     return [*callbacks, last]
 
 
-def run_stage(cfg: DictConfig, stage: str, init_ckpt: str | None = None) -> dict[str, Any]:
+def build_callbacks(
+    cfg: RootConfig, stage_dir: Path, schedule: AdaptSchedule, labels: PseudoLabelStore | None
+) -> tuple[list[pl.Callback], CheckpointOnSigterm]:
+    """The configured callbacks (checkpoints into ``stage_dir``), the pseudo-label refresh in the adapt stage, and
+    the SIGTERM handler (returned apart too, since the run installs it)."""
+    callbacks = instantiate_group(cfg.callbacks, cfg.allowed_targets, "callbacks")
+    for cb in callbacks:
+        if isinstance(cb, pl.callbacks.ModelCheckpoint):
+            cb.dirpath = str(stage_dir)
+    callbacks = with_last_checkpoint_every_epoch(callbacks, stage_dir)
+    if labels is not None:
+        callbacks.append(PseudoLabelCallback(cfg.pseudo_label, schedule, labels, seed=cfg.seed))
+    sigterm = CheckpointOnSigterm(stage_dir)
+    return [*callbacks, sigterm], sigterm
+
+
+def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict[str, Any]:
     """Fit (or resume) one stage and evaluate it on the target; returns its metrics and checkpoint path."""
     out_dir = Path(cfg.paths.output_dir)
     stage_dir = out_dir / "checkpoints" / stage
@@ -93,24 +128,22 @@ def run_stage(cfg: DictConfig, stage: str, init_ckpt: str | None = None) -> dict
         # This stage finished before the interruption: reuse it.
         return json.loads(done_file.read_text())
 
-    dm = build_datamodule(cfg, stage)
+    labels = PseudoLabelStore() if stage == "adapt" else None
+    dm = build_datamodule(cfg, stage, labels)
     dm.prepare_data()
     dm.setup("fit")
-    capacity = target_capacity(cfg) if stage == "adapt" else 0
     n_target = len(dm.target_train_records)
     if stage == "adapt" and cfg.pseudo_label.method == "kmeans" and cfg.pseudo_label.k > n_target:
         raise ConfigError(
             f"pseudo_label.k={cfg.pseudo_label.k} is larger than the number of target train images ({n_target}); "
             f"set pseudo_label.k <= {n_target}."
         )
+    schedule = build_schedule(cfg, stage)
     model = DGNetPP(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        stage=stage,
+        cfg.model,
+        schedule,
         num_source_ids=dm.num_source_ids,
-        target_capacity=capacity,
-        warmup_epochs=cfg.adapt.warmup_epochs,
-        app_lr_ramp=cfg.adapt.app_lr_ramp,
-        num_query=dm.num_query,
+        target_capacity=target_capacity(cfg, stage),
         skip_nonfinite_steps=cfg.skip_nonfinite_steps,
         image_size=(cfg.data.height, cfg.data.width),
     )
@@ -118,25 +151,11 @@ def run_stage(cfg: DictConfig, stage: str, init_ckpt: str | None = None) -> dict
         state = load_checkpoint(init_ckpt)["state_dict"]
         model.load_source_stage(state, keep_source_classifier=cfg.adapt.keep_source_classifier)
 
-    allowed = list(cfg.allowed_targets)
-    callbacks = instantiate_group(cfg.callbacks, allowed, "callbacks")
-    for cb in callbacks:
-        if isinstance(cb, pl.callbacks.ModelCheckpoint):
-            cb.dirpath = str(stage_dir)
-    callbacks = with_last_checkpoint_every_epoch(callbacks, stage_dir)
-    if stage == "adapt":
-        plc = OmegaConf.to_container(cfg.pseudo_label, resolve=True)
-        callbacks.append(
-            PseudoLabelCallback(
-                **plc, warmup_epochs=cfg.adapt.warmup_epochs, seed=cfg.seed, alpha=cfg.model.features.alpha
-            )
-        )
-    sigterm = CheckpointOnSigterm(stage_dir)
-    callbacks.append(sigterm)
-    loggers = instantiate_group(cfg.logger, allowed, "logger")
+    callbacks, sigterm = build_callbacks(cfg, stage_dir, schedule, labels)
+    loggers = instantiate_group(cfg.logger, cfg.allowed_targets, "logger")
     trainer = build_trainer(cfg, stage, callbacks, loggers, stage_dir)
-    for logger in trainer.loggers:
-        logger.log_hyperparams({"stage": stage, **OmegaConf.to_container(cfg, resolve=True)})
+    for logger in trainer.loggers:  # the config, with "stage" the stage this logger run records
+        logger.log_hyperparams({**plain(cfg), "stage": stage})
 
     result: dict[str, Any] = {"stage": stage}
     final = stage_dir / "final.ckpt"
@@ -145,7 +164,7 @@ def run_stage(cfg: DictConfig, stage: str, init_ckpt: str | None = None) -> dict
             trainer.fit(model, datamodule=dm, ckpt_path=resume, weights_only=True)
             val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             # A run resumed after its last epoch validates nothing: report the restored metrics.
-            result.update(val or getattr(model, "last_eval", {}))
+            result.update(val or model.last_eval)
         if not sigterm.requested:
             trainer.save_checkpoint(final, weights_only=False)  # full state, so a stage can be continued
         if cfg.test and not sigterm.requested:
@@ -173,14 +192,10 @@ def close_loggers(trainer: pl.Trainer) -> None:
             wandb.finish()
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: RootConfig | DictConfig) -> dict[str, Any]:
     """Run the configured stage(s); returns ``{"source": {...}, "adapt": {...}}``."""
     cfg = validate_config(cfg)
-    if cfg.keep_freed_memory:
-        keep_freed_memory()
     pl.seed_everything(cfg.seed, workers=True)
-    if cfg.trainer.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
     results: dict[str, Any] = {}
     init = cfg.init_ckpt
     if init is not None and not Path(init).is_file():
@@ -193,25 +208,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         init = results["source"]["ckpt"]
     if cfg.stage == "adapt":
         results["adapt"] = run_stage(cfg, "adapt", init_ckpt=init)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and os.environ.get("NODE_RANK", "0") == "0":
+    if rank_zero_only.rank == 0:
         out_dir = Path(cfg.paths.output_dir)
         (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         print_summary(results, STAGE_LABELS)
     return results
 
 
-def optimized_value(cfg: DictConfig, results: dict[str, Any]) -> float | None:
+def optimized_value(cfg: RootConfig, results: dict[str, Any]) -> float | None:
     last = results.get("adapt") or results.get("source") or {}
     value = last.get(cfg.optimized_metric)
     return None if value is None else float(value)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the optimised metric so sweepers can use it."""
-    results = train(cfg)
+def train_task(cfg: DictConfig) -> float | None:
+    """The Hydra task: the process-wide allocator setting, training, the sweep summary; returns the metric."""
+    typed = validate_config(cfg)
+    if typed.keep_freed_memory:
+        keep_freed_memory()
+    results = train(typed)
     write_sweep_summary(cfg, results)
-    return optimized_value(cfg, results)
+    return optimized_value(typed, results)
+
+
+def main() -> float | None:
+    """``python -m dgnetpp_pl`` / ``dgnetpp-train``: Hydra overrides on the command line."""
+    return run_app("config", train_task)
 
 
 if __name__ == "__main__":

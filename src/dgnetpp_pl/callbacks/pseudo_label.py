@@ -1,9 +1,13 @@
-"""PseudoLabelCallback: clusters target appearance features into pseudo-labels on the self-training schedule.
+"""PseudoLabelCallback: clusters target appearance features into pseudo-labels when the schedule says so.
 
 Labels for epoch ``e`` are computed at the end of epoch ``e - 1`` (or at fit start when self-training begins at
 epoch 0), before the checkpoint of that epoch is written, so a resumed run continues with the same labels and
 never re-clusters early. Under DDP every rank extracts features for its shard, rank 0 clusters the all-gathered
 features and broadcasts the labels.
+
+Data flows one way: the datamodule's target train images and the module's features in, the labels out into the
+:class:`PseudoLabelStore` (which the train sampler reads and this callback's checkpoint entry saves) and the
+module's classifier rows through its one surgery method, ``set_target_classes``.
 """
 
 from __future__ import annotations
@@ -11,134 +15,68 @@ from __future__ import annotations
 import time
 import warnings
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
-from dgnetpp_pl.features import check_finite, embed_images
-from dgnetpp_pl.pseudo_labels import (
-    cluster_centroids,
-    cluster_stats,
-    dbscan_pseudo_labels,
-    kmeans_pseudo_labels,
-)
+from dgnetpp_pl.distributed import broadcast_buffers, shard
+from dgnetpp_pl.evaluation import ReIDEvaluator, extract_features
+from dgnetpp_pl.features import check_finite
+from dgnetpp_pl.label_store import PseudoLabelStore
+from dgnetpp_pl.pseudo_labels import METHODS, cluster_centroids, cluster_stats
+from dgnetpp_pl.schedule import AdaptSchedule
+
+if TYPE_CHECKING:
+    from dgnetpp_pl.config import PseudoLabelConfig
 
 
 class PseudoLabelCallback(pl.Callback):
-    """Refresh target pseudo-labels at the first self-training epoch, then every ``every_n_epochs``."""
+    """Refresh the target pseudo-labels in ``store`` whenever ``schedule.refresh_due(epoch)``."""
 
     def __init__(
-        self,
-        method: str = "kmeans",
-        k: int = 700,
-        niter: int = 20,
-        every_n_epochs: int = 2,
-        init_classifier: str = "centroids",
-        eps: float = 0.45,
-        min_samples: int = 7,
-        k1: int = 20,
-        k2: int = 6,
-        lambda_: float = 0.3,
-        max_clusters: int = 0,
-        warmup_epochs: int = 0,
-        seed: int = 0,
-        alpha: float = 0.5,
+        self, config: PseudoLabelConfig, schedule: AdaptSchedule, store: PseudoLabelStore, seed: int = 0
     ) -> None:
-        if method not in ("kmeans", "dbscan"):
-            raise ValueError(f"pseudo_label.method must be 'kmeans' or 'dbscan', got {method!r}")
-        self.method = method
-        self.k, self.niter, self.every_n_epochs = k, niter, every_n_epochs
-        self.init_classifier = init_classifier
-        self.eps, self.min_samples, self.k1, self.k2, self.lambda_ = eps, min_samples, k1, k2, lambda_
-        self.max_clusters = max_clusters
-        self.warmup_epochs = warmup_epochs
-        self.seed = seed
-        self.alpha = alpha
-        self.last_refresh_epoch = -1
-        self.history: list[dict[str, float]] = []
-        # Per refresh, the CRC32 of the labels each rank trains on (all equal; audited, and checked under DDP).
-        self.rank_digests: list[list[int]] = []
-
-    def is_due(self, epoch: int) -> bool:
-        """Whether labels must be (re)computed before ``epoch`` trains."""
-        return epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % self.every_n_epochs == 0
+        self.config, self.schedule, self.store, self.seed = config, schedule, store, seed
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if getattr(pl_module, "stage", "adapt") != "adapt":
-            return
         # A checkpoint written at the end of epoch e - 1 already holds epoch e's labels when they were due; one
         # from a run with a smaller max_epochs does not (the last epoch skips the refresh), so compute them now.
         epoch = trainer.current_epoch
-        if self.is_due(epoch) and self.last_refresh_epoch < epoch:
+        if self.schedule.refresh_due(epoch) and self.store.last_refresh_epoch < epoch:
             self.refresh(trainer, pl_module, epoch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if getattr(pl_module, "stage", "adapt") != "adapt":
-            return
         nxt = trainer.current_epoch + 1
-        if nxt < trainer.max_epochs and self.is_due(nxt) and self.last_refresh_epoch < nxt:
+        if nxt < trainer.max_epochs and self.schedule.refresh_due(nxt) and self.store.last_refresh_epoch < nxt:
             self.refresh(trainer, pl_module, nxt)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "last_refresh_epoch": self.last_refresh_epoch,
-            "history": list(self.history),
-            "rank_digests": [list(d) for d in self.rank_digests],
-        }
+        return self.store.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_refresh_epoch = int(state_dict.get("last_refresh_epoch", -1))
-        self.history = list(state_dict.get("history", []))
-        self.rank_digests = [list(d) for d in state_dict.get("rank_digests", [])]
+        self.store.load_state_dict(state_dict)
 
     # ------------------------------------------------------------- the work
-    @torch.no_grad()
     def extract(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
         """All target train features ``(N, D)`` and ground-truth pids ``(N,)``, identical on every rank."""
-        dm = trainer.datamodule
-        loader = dm.target_train_feature_loader()
         world = trainer.world_size
-        if world > 1:
-            loader = DataLoader(
-                loader.dataset,
-                batch_size=loader.batch_size,
-                sampler=DistributedSampler(loader.dataset, shuffle=False),
-                num_workers=loader.num_workers,
-                collate_fn=loader.collate_fn,
-            )
-        if world > 1:
-            pl_module.sync_buffers_from_rank_zero()  # every shard embedded with rank 0's BatchNorm statistics
-        e_app = pl_module.e_app
-        was_training = e_app.training
-        e_app.eval()
-        feats, pids, index = [], [], []
-        try:
-            for batch in loader:
-                feats.append(embed_images(e_app, batch["image"].to(pl_module.device), self.alpha))
-                pids.append(batch["pid"].to(pl_module.device))
-                index.append(batch["index"].to(pl_module.device))
-        finally:
-            e_app.train(was_training)
-        f, p, i = torch.cat(feats), torch.cat(pids), torch.cat(index)
-        if world > 1:
-            f, p, i = (pl_module.all_gather(t) for t in (f, p, i))
-            f, p, i = f.reshape(-1, f.shape[-1]), p.reshape(-1), i.reshape(-1)
-        order = torch.argsort(i, stable=True)
-        f, p, i = f[order], p[order], i[order]
-        keep = torch.ones_like(i, dtype=torch.bool)
-        keep[1:] = i[1:] != i[:-1]
-        return f[keep].float().cpu(), p[keep].cpu()
+        loader = shard(trainer.datamodule.target_train_feature_loader(), world)
+        broadcast_buffers(pl_module, world)  # every shard embedded with rank 0's BatchNorm statistics
+        evaluator = ReIDEvaluator(all_gather=pl_module.all_gather, world_size=world)
+        extract_features(pl_module.e_app, loader, pl_module.cfg.features, evaluator, pl_module.device)
+        data = evaluator.gather()
+        return data["feats"].float().cpu(), data["pid"].cpu()
 
     def cluster(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Labels ``(N,)`` (-1: outlier) and, where it applies, centroids ``(C, D)``."""
-        if self.method == "kmeans":
-            labels, _ = kmeans_pseudo_labels(feats, self.k, seed=self.seed, niter=self.niter, return_centroids=True)
+        """Labels ``(N,)`` (-1: outlier) and, where clusters exist, their centroids ``(C, D)``."""
+        c = self.config
+        if c.method == "kmeans":
+            labels, _ = METHODS["kmeans"](feats, c.k, seed=self.seed, niter=c.niter, return_centroids=True)
         else:
-            labels = dbscan_pseudo_labels(feats, eps=self.eps, min_samples=self.min_samples, k1=self.k1, k2=self.k2)
+            labels = METHODS[c.method](feats, eps=c.eps, min_samples=c.min_samples, k1=c.k1, k2=c.k2, lambda_=c.lambda_)
         num = int(labels.max()) + 1 if (labels >= 0).any() else 0
         centroids = cluster_centroids(feats, labels, num) if num > 0 else None
         return labels.astype(np.int64), centroids
@@ -161,16 +99,10 @@ class PseudoLabelCallback(pl.Callback):
         return digests
 
     def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule, for_epoch: int) -> None:
-        dm = trainer.datamodule
         start = time.perf_counter()
         feats, truth = self.extract(trainer, pl_module)
         check_finite(feats, f"target train (pseudo-labelling before epoch {for_epoch})")
         n = feats.shape[0]
-        if self.method == "kmeans" and self.k > n:
-            raise ValueError(
-                f"pseudo_label.k={self.k} is larger than the number of target train images ({n}); "
-                f"set pseudo_label.k <= {n}."
-            )
         labels = torch.full((n,), -1, dtype=torch.long)
         centroids = None
         if trainer.is_global_zero:
@@ -187,20 +119,15 @@ class PseudoLabelCallback(pl.Callback):
                 "this round trains without target id losses. Consider a larger pseudo_label.eps.",
                 stacklevel=2,
             )
-        previous = dm.target_labels
-        dm.set_target_labels(labels.numpy())
-        emb_dim = pl_module.e_app.bottleneck_dim
-        init = None
-        if self.init_classifier == "centroids" and centroids is not None:
-            init = centroids[:, :emb_dim]  # the primary head's half of [g1 | sqrt(a) g2]
+        init = centroids if self.config.init_classifier == "centroids" else None
         pl_module.set_target_classes(num, init)
-        self.last_refresh_epoch = for_epoch
-        self.rank_digests.append(self.check_ranks_agree(trainer, pl_module, dm.target_labels, for_epoch))
-        stats = cluster_stats(labels.numpy(), previous=previous, truth=truth.numpy())
+        labels = labels.numpy().astype(np.int64)
+        digests = self.check_ranks_agree(trainer, pl_module, labels, for_epoch)
+        stats = cluster_stats(labels, previous=self.store.labels, truth=truth.numpy())
         stats = {k: float(v) for k, v in stats.items() if np.isscalar(v) and v is not None}
         stats["time_s"] = elapsed
         stats["epoch"] = float(for_epoch)
-        self.history.append(stats)
+        self.store.update(labels, for_epoch, stats, digests)
         # Straight to the loggers: Lightning's self.log is not allowed in on_fit_start.
         for logger in trainer.loggers:
             logger.log_metrics({f"pseudo/{k}": v for k, v in stats.items()}, step=trainer.global_step)

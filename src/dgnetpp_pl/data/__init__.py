@@ -1,6 +1,6 @@
-"""Data layer: dataset readers, the synthetic cross-domain dataset, transforms and the datamodule."""
+"""Data layer: dataset readers, the synthetic cross-domain dataset, sampling, transforms and the datamodule."""
 
-from dgnetpp_pl.data.datamodule import CrossDomainDataModule, PairSampler, pick_positives, split_validation_ids
+from dgnetpp_pl.data.datamodule import CrossDomainDataModule
 from dgnetpp_pl.data.datasets import (
     DATASETS,
     MSMT17,
@@ -13,6 +13,8 @@ from dgnetpp_pl.data.datasets import (
     verify_images,
 )
 from dgnetpp_pl.data.records import ImageRecord
+from dgnetpp_pl.data.sampling import PairSampler, pick_positives
+from dgnetpp_pl.data.splits import split_validation_ids
 from dgnetpp_pl.data.synthetic import (
     SMALL_SIZES,
     SOURCE_STYLE,

@@ -182,22 +182,3 @@ class AppearanceEncoder(nn.Module):
         code, feat = self.backbone_forward(x)
         logits, embeddings = self.heads(feat)
         return AppearanceOutput(code, feat, logits, embeddings)
-
-    @torch.no_grad()
-    def reset_classifiers(self, num_classes: int, init: Tensor | None = None, scale: float = 1.0) -> None:
-        """Replace only the final Linear of both heads with `num_classes` outputs (bottleneck and BN kept).
-
-        With `init` `(num_classes, bottleneck)` (e.g. cluster centroids), both heads' weights are its
-        L2-normalised rows times `scale` and the biases 0; otherwise weights are N(0, 0.001).
-        The optimiser must be rebuilt afterwards, since the parameters are new.
-        """
-        old = self.head1.classifier.weight
-        if init is not None and tuple(init.shape) != (num_classes, self.bottleneck_dim):
-            raise ValueError(
-                f"reset_classifiers: init must be ({num_classes}, {self.bottleneck_dim}), got {tuple(init.shape)}"
-            )
-        for head in (self.head1, self.head2):
-            linear = _new_classifier(self.bottleneck_dim, num_classes).to(device=old.device, dtype=old.dtype)
-            if init is not None:
-                linear.weight.copy_(F.normalize(init.to(linear.weight), dim=1) * scale)
-            head.classifier = linear

@@ -1,0 +1,70 @@
+"""Torch datasets over image records: the paired train set (keys from the sampler) and the plain evaluation set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from dgnetpp_pl.data.datasets import load_image
+from dgnetpp_pl.data.records import ImageRecord
+from dgnetpp_pl.data.sampling import PairKey
+
+
+class PairedTrainDataset(Dataset):
+    """Map-style dataset over :class:`PairKey` keys: ``key -> {"source": S, "target": T}``.
+
+    S and T hold ``image`` and ``pos`` (3, H, W) float, ``label``, ``camid``, ``index`` and ``pos_index``.
+    Augmentation is seeded by the key, so a batch does not depend on the worker that loads it.
+    """
+
+    def __init__(self, source: Sequence[ImageRecord], target: Sequence[ImageRecord], transform: Callable) -> None:
+        self.source, self.target, self.transform = list(source), list(target), transform
+
+    def __len__(self) -> int:  # keys are PairKeys, not 0..len-1; the sampler defines the epoch
+        return len(self.source)
+
+    def __getitem__(self, key: PairKey) -> dict[str, dict[str, Any]]:
+        source_label = self.source[key.source].pid
+        item = {"source": self._sample(self.source, key.source, key.source_pos, source_label, key.seed, 0)}
+        if key.target >= 0:
+            item["target"] = self._sample(self.target, key.target, key.target_pos, key.target_label, key.seed, 2)
+        return item
+
+    def _sample(
+        self, records: list[ImageRecord], index: int, pos_index: int, label: int, seed: int, stream: int
+    ) -> dict[str, Any]:
+        return {
+            "image": self._augment(records[index].path, seed * 4 + stream),
+            "pos": self._augment(records[pos_index].path, seed * 4 + stream + 1),
+            "label": label,
+            "camid": records[index].camid,
+            "index": index,
+            "pos_index": pos_index,
+        }
+
+    def _augment(self, path: str, seed: int) -> torch.Tensor:
+        image = load_image(path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image)
+
+
+class ReIDImageDataset(Dataset):
+    """Plain dataset over records: ``i -> {"image", "pid", "camid", "index"}``.
+
+    For evaluation sets the first ``num_query`` records are the queries, the rest the gallery.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], transform: Callable, num_query: int = 0) -> None:
+        self.records, self.transform, self.num_query = list(records), transform, num_query
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        image = self.transform(load_image(record.path))
+        return {"image": image, "pid": record.pid, "camid": record.camid, "index": index}
