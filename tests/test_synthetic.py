@@ -259,6 +259,17 @@ def test_workers_start_without_forking_this_process(tmp_path: Path, monkeypatch)
     assert len(file_hashes(root)) == len(plan_domain(SMALL_SOURCE, 5))
 
 
+def test_workers_run_the_callers_copy_of_the_package(tmp_path: Path) -> None:
+    script = (  # the caller found the package through a path it added at run time, as a notebook may
+        f"import sys; sys.path.insert(0, {SRC!r})\n"
+        "from dgnetpp_pl.data.synthetic import SMALL_SIZES, TARGET_STYLE, generate_domain\n"
+        f"generate_domain({str(tmp_path / 'dom')!r}, TARGET_STYLE.with_overrides(SMALL_SIZES), 2, workers=2)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, check=True, capture_output=True)
+    assert file_hashes(tmp_path / "dom") == file_hashes(generate_domain(tmp_path / "ref", SMALL_TARGET, 2, workers=1))
+
+
 def test_the_generator_and_the_data_package_do_not_import_torch() -> None:
     script = (
         "import sys\n"
