@@ -88,7 +88,7 @@ def _named(folder_name: str, patterns: Sequence[str]) -> bool:
 def dataset_named(folder_name: str) -> str | None:
     """The benchmark whose folder names match ``folder_name`` (``'Market-1501-v15.09.15'`` -> ``'market1501'``)."""
     for name, cls in DATASETS.items():
-        if _named(folder_name, getattr(cls, "folder_patterns", ())):
+        if _named(folder_name, cls.folder_patterns):
             return name
     return None
 
@@ -124,7 +124,7 @@ def find_dataset_root(
         return base.resolve(), gaps.index([])
     named = [child for child in sorted(base.iterdir()) if child.is_dir() and _named(child.name, patterns)]
     found = [(child, _layout_gaps(child, layouts)) for child in named]
-    complete = [(child, gaps.index([])) for child, gaps in found if [] in gaps]
+    complete = [(child, child_gaps.index([])) for child, child_gaps in found if [] in child_gaps]
     if len(complete) == 1:
         return complete[0][0].resolve(), complete[0][1]
     if len(complete) > 1:
@@ -135,8 +135,8 @@ def find_dataset_root(
     incomplete = [(base, gaps)] if owner == dataset else []
     incomplete += [(child, gaps) for child, gaps in found]
     lacking = "".join(
-        f" '{folder}' is named as a {dataset} folder but lacks {', '.join(min(gaps, key=len))}."
-        for folder, gaps in incomplete
+        f" '{folder}' is named as a {dataset} folder but lacks {', '.join(min(folder_gaps, key=len))}."
+        for folder, folder_gaps in incomplete
     )
     present = ", ".join(_describe(p) for p in sorted(base.iterdir())[:10]) or "nothing"
     raise DatasetError(
