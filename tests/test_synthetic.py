@@ -26,6 +26,7 @@ from dgnetpp_pl.data.synthetic import (
     generate_domain,
     make_identity,
     make_synthetic_pair,
+    read_marker,
     render_image,
     spec_digest,
     synthetic_domain_dir,
@@ -257,6 +258,20 @@ def test_workers_start_without_forking_this_process(tmp_path: Path, monkeypatch)
     root = generate_domain(tmp_path / "dom", SMALL_SOURCE, seed=5, workers=2)
     assert json.loads((root / MARKER).read_text())["seed"] == 5
     assert len(file_hashes(root)) == len(plan_domain(SMALL_SOURCE, 5))
+
+
+def test_a_pair_is_written_by_one_set_of_workers(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+    real = cache.write_in_processes
+
+    def counted(staged, workers: int) -> None:
+        calls.append(([spec.name for _, spec, _ in staged], workers))
+        real(staged, workers)
+
+    monkeypatch.setattr(cache, "write_in_processes", counted)
+    roots = make_synthetic_pair(tmp_path, 4, SMALL_SOURCE, SMALL_TARGET, workers=2)
+    assert calls == [(["indoor", "outdoor"], 2)]
+    assert [read_marker(root)["spec"]["name"] for root in roots] == ["indoor", "outdoor"]
 
 
 def test_workers_run_the_callers_copy_of_the_package(tmp_path: Path) -> None:

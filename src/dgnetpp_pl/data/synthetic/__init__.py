@@ -16,6 +16,7 @@ processes) and ``cache`` (folders, markers, atomic publication). None of them im
 from dgnetpp_pl.data.synthetic.cache import (
     MARKER,
     generate_domain,
+    generate_domains,
     make_synthetic_pair,
     read_marker,
     spec_digest,
@@ -34,6 +35,7 @@ __all__ = [
     "Identity",
     "SyntheticDomainSpec",
     "generate_domain",
+    "generate_domains",
     "make_identity",
     "make_synthetic_pair",
     "read_marker",

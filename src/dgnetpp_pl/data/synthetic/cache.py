@@ -64,7 +64,7 @@ def generate_domain(
     anything else is an error, never overwritten. The output is byte-identical for the same (spec, seed),
     whatever ``workers`` is.
     """
-    return _generate([(Path(root), spec, seed)], workers)[0]
+    return generate_domains([(Path(root), spec, seed)], workers)[0]
 
 
 def make_synthetic_pair(
@@ -80,12 +80,12 @@ def make_synthetic_pair(
             f"the source and target synthetic domains must have different names, both are {source.name!r}."
         )
     wanted = [(synthetic_domain_dir(data_dir, spec, seed), spec, seed) for spec in (source, target)]
-    source_root, target_root = _generate(wanted, workers)
+    source_root, target_root = generate_domains(wanted, workers)
     return source_root, target_root
 
 
-def _generate(domains: Sequence[Domain], workers: int | None) -> list[Path]:
-    """Generate the domains that are not cached yet, in one set of workers, and publish each one."""
+def generate_domains(domains: Sequence[Domain], workers: int | None = None) -> list[Path]:
+    """:func:`generate_domain` for several ``(root, spec, seed)`` at once: one set of workers writes them all."""
     missing = [domain for domain in domains if not _cached(*domain)]
     tmps: list[Path] = []
     try:
