@@ -176,6 +176,18 @@ def _write_msmt(base: Path, version: str, n_train: int, cams: list, colours: np.
         (base / f"list_{split}.txt").write_text("\n".join(lines) + "\n")
 
 
+@pytest.fixture
+def benchmark_tree() -> Callable[..., Path]:
+    """``benchmark_tree(root, datasets=("market1501", ...), msmt_version="V1")``: :func:`write_benchmark_trees`."""
+    return write_benchmark_trees
+
+
+@pytest.fixture
+def benchmark_sizes() -> dict[str, dict[str, object]]:
+    """A copy of :data:`BENCHMARK_TREES`: each tree's folder name, train ids, test ids and cameras."""
+    return {name: dict(tree) for name, tree in BENCHMARK_TREES.items()}
+
+
 @pytest.fixture(scope="session")
 def benchmark_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data_dir holding Market-1501-v15.09.15/, DukeMTMC-reID/ and MSMT17_V1/ side by side (see BENCHMARK_TREES).

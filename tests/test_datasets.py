@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import BENCHMARK_TREES, write_benchmark_trees
 
 from dgnetpp_pl.data.datasets import (
     MSMT17,
@@ -123,13 +122,13 @@ def test_build_dataset_registry(tmp_path: Path, market_tree) -> None:
 
 
 # ------------------------------------------------------------------------------- benchmarks side by side
-def test_each_reader_picks_its_own_benchmark_among_all_three(benchmark_data_dir: Path) -> None:
+def test_each_reader_picks_its_own_benchmark_among_all_three(benchmark_data_dir: Path, benchmark_sizes) -> None:
     assert sorted(p.name for p in benchmark_data_dir.iterdir()) == [
         "DukeMTMC-reID",
         "MSMT17_V1",
         "Market-1501-v15.09.15",
     ]
-    for name, tree in BENCHMARK_TREES.items():
+    for name, tree in benchmark_sizes.items():
         ds = build_dataset(name, benchmark_data_dir)
         assert ds.root == (benchmark_data_dir / str(tree["folder"])).resolve()
         assert ds.num_train_pids == tree["train_ids"]
@@ -139,11 +138,11 @@ def test_each_reader_picks_its_own_benchmark_among_all_three(benchmark_data_dir:
         assert {r.camid for r in ds.train} <= set(range(int(tree["cams"])))
 
 
-def test_msmt17_v2_layout_is_read(tmp_path: Path) -> None:
-    write_benchmark_trees(tmp_path, ("market1501", "msmt17"), msmt_version="V2")
+def test_msmt17_v2_layout_is_read(tmp_path: Path, benchmark_tree, benchmark_sizes) -> None:
+    benchmark_tree(tmp_path, ("market1501", "msmt17"), msmt_version="V2")
     ds = MSMT17(tmp_path)
     assert ds.version == "V2" and ds.root == (tmp_path / "MSMT17_V2").resolve()
-    assert ds.num_train_pids == BENCHMARK_TREES["msmt17"]["train_ids"]
+    assert ds.num_train_pids == benchmark_sizes["msmt17"]["train_ids"]
     assert all("/mask_train_v2/" in r.path for r in ds.train)
     assert all("/mask_test_v2/" in r.path for r in (*ds.query, *ds.gallery))
     assert MSMT17(tmp_path, combine_train_val=False).num_train_pids == ds.num_train_pids - 2
@@ -156,8 +155,8 @@ def test_folder_names_are_matched_case_insensitively_and_owned_by_one_dataset() 
     assert dataset_named("bounding_box_train") is None and dataset_named("my_duke_copy") is None
 
 
-def test_with_only_market_present_dukemtmc_fails_naming_the_folders_looked_for(tmp_path: Path) -> None:
-    write_benchmark_trees(tmp_path, ("market1501",))
+def test_with_only_market_present_dukemtmc_fails_naming_the_folders_looked_for(tmp_path: Path, benchmark_tree) -> None:
+    benchmark_tree(tmp_path, ("market1501",))
     with pytest.raises(DatasetError) as info:
         DukeMTMCreID(tmp_path)
     message = str(info.value)
@@ -226,6 +225,6 @@ def test_records_without_gallery_rows_are_not_an_evaluation_target(tmp_path: Pat
     ImageFolderReID(tmp_path).require_eval_splits("data.target")  # query and gallery: no error
 
 
-def test_benchmarks_are_evaluation_targets(benchmark_data_dir: Path) -> None:
-    for name in BENCHMARK_TREES:
+def test_benchmarks_are_evaluation_targets(benchmark_data_dir: Path, benchmark_sizes) -> None:
+    for name in benchmark_sizes:
         build_dataset(name, benchmark_data_dir).require_eval_splits("data.target")
