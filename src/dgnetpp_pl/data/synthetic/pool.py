@@ -25,6 +25,9 @@ _BOOTSTRAP = (
     "from dgnetpp_pl.data.synthetic.pool import run_task; run_task(task)"
 )
 _STDERR_TAIL = 4000  # characters of a failed worker's stderr quoted in the error
+# glibc malloc maps and unmaps every image-sized array in a fresh interpreter; keeping freed memory in the heap
+# renders ~15% faster (as fast as in a process with torch loaded). These are the workers' own settings.
+_WORKER_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def run_task(task: dict[str, Any]) -> None:
@@ -45,13 +48,18 @@ def write_in_processes(domains: Sequence[Domain], workers: int) -> None:
     home = os.path.dirname(os.path.dirname(package))  # found by a path the caller may have added at run time
     if home not in map(os.path.realpath, path):
         path.insert(0, home)
+    env = {**_WORKER_MALLOC, **os.environ}
     procs: list[tuple[subprocess.Popen, Any]] = []
     try:
         for index in range(workers):
             task = {"sys_path": path, "package": package, "domains": plain, "index": index, "count": workers}
             log = tempfile.TemporaryFile()
             proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log
+                [sys.executable, "-c", _BOOTSTRAP],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env,
             )
             procs.append((proc, log))
             proc.stdin.write(json.dumps(task).encode())
