@@ -1,10 +1,12 @@
-"""Shared test fixtures: tiny JPEG writer and a small synthetic source/target pair generated once per session."""
+"""Shared test fixtures: tiny JPEG writer, benchmark trees side by side, and a small synthetic source/target pair
+generated once per session."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -88,6 +90,111 @@ def msmt_tree() -> Callable[[Path], Path]:
         return root
 
     return make
+
+
+# The benchmark trees that ``write_benchmark_trees`` builds: folder name, train ids, test ids and cameras. Every
+# train id has 2 images in each of 2 cameras; every test id has a query in one camera and 2 gallery images in
+# another; the gallery also holds 2 distractors (pid 0, Market / Duke) and the lists skip nothing (MSMT17).
+BENCHMARK_TREES: dict[str, dict[str, object]] = {
+    "market1501": {"folder": "Market-1501-v15.09.15", "train_ids": 8, "test_ids": 6, "cams": 6},
+    "dukemtmc": {"folder": "DukeMTMC-reID", "train_ids": 10, "test_ids": 5, "cams": 8},
+    "msmt17": {"folder": "MSMT17_V1", "train_ids": 9, "test_ids": 4, "cams": 15},
+}
+BENCHMARK_IMAGE_SIZE = (16, 32)  # (width, height)
+
+
+def _write_person(path: Path, rng: np.random.Generator, colour: np.ndarray) -> None:
+    """A tiny person-like crop: the identity's colour in the middle, noise around it, so that ids are learnable."""
+    w, h = BENCHMARK_IMAGE_SIZE
+    image = rng.integers(0, 256, (h, w, 3)).astype(np.float32) * 0.4 + 60
+    image[h // 8 : h - h // 8, w // 4 : w - w // 4] = colour + rng.normal(0, 12, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path, format="JPEG", quality=90)
+
+
+def write_benchmark_trees(
+    root: Path, datasets: tuple[str, ...] = tuple(BENCHMARK_TREES), msmt_version: str = "V1"
+) -> Path:
+    """Write tiny Market-1501, DukeMTMC-reID and MSMT17 trees in their official layouts side by side under ``root``.
+
+    Sizes are in :data:`BENCHMARK_TREES`; file names parse as each dataset's own. ``msmt_version="V2"`` writes
+    ``MSMT17_V2`` with ``mask_train_v2/`` and ``mask_test_v2/`` instead of V1. Returns ``root``.
+    """
+    for index, name in enumerate(datasets):
+        tree = BENCHMARK_TREES[name]
+        rng = np.random.default_rng(index)
+        n_train, n_test, n_cams = int(tree["train_ids"]), int(tree["test_ids"]), int(tree["cams"])
+        colours = rng.integers(0, 256, (n_train + n_test + 1, 3)).astype(np.float32)
+        cams = [tuple(int(c) for c in rng.choice(n_cams, 2, replace=False) + 1) for _ in range(n_train + n_test)]
+        if name == "msmt17":
+            _write_msmt(root / f"MSMT17_{msmt_version}", msmt_version, n_train, cams, colours, rng)
+        else:
+            _write_market_layout(root / str(tree["folder"]), name == "market1501", n_train, cams, colours, rng)
+    return root
+
+
+def _write_market_layout(base: Path, market: bool, n_train: int, cams: list, colours: np.ndarray, rng) -> None:
+    """Market names ``0002_c1s1_000451_00.jpg``, Duke names ``0005_c2_f0046985.jpg``; pid p has ``cams[p - 1]``."""
+    frame = 0
+
+    def write(folder: str, pid: int, cam: int) -> None:
+        nonlocal frame
+        label = f"{pid:04d}" if pid >= 0 else "-1"
+        name = f"{label}_c{cam}s1_{frame:06d}_00.jpg" if market else f"{label}_c{cam}_f{frame:07d}.jpg"
+        _write_person(base / folder / name, rng, colours[max(pid, 0)])
+        frame += 1
+
+    for pid, (cam_a, cam_b) in enumerate(cams, start=1):
+        if pid <= n_train:
+            for cam in (cam_a, cam_a, cam_b, cam_b):
+                write("bounding_box_train", pid, cam)
+        else:
+            write("query", pid, cam_a)
+            write("bounding_box_test", pid, cam_b)
+            write("bounding_box_test", pid, cam_b)
+    for pid in (0, 0, -1):  # distractors stay in the gallery; junk is skipped
+        write("bounding_box_test", pid, 1)
+
+
+def _write_msmt(base: Path, version: str, n_train: int, cams: list, colours: np.ndarray, rng) -> None:
+    """MSMT17 lists; the last 2 train ids are in list_val.txt; test ids are numbered from 0 as in the real lists."""
+    train_dir, test_dir = ("train", "test") if version == "V1" else ("mask_train_v2", "mask_test_v2")
+    lists: dict[str, list[str]] = {name: [] for name in ("train", "val", "query", "gallery")}
+    for index, (cam_a, cam_b) in enumerate(cams):
+        if index < n_train:
+            split = "val" if index >= n_train - 2 else "train"
+            entries = [(split, cam, k) for k, cam in enumerate((cam_a, cam_a, cam_b, cam_b))]
+        else:
+            entries = [("query", cam_a, 0), ("gallery", cam_b, 1), ("gallery", cam_b, 2)]
+        label = index if index < n_train else index - n_train
+        for split, cam, k in entries:
+            rel = f"{label:04d}/{label:04d}_{k:03d}_{cam:02d}_0303morning_{k:04d}_0.jpg"
+            folder = test_dir if split in ("query", "gallery") else train_dir
+            _write_person(base / folder / rel, rng, colours[index + 1])
+            lists[split].append(f"{rel} {label}")
+    for split, lines in lists.items():
+        (base / f"list_{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def benchmark_tree() -> Callable[..., Path]:
+    """``benchmark_tree(root, datasets=("market1501", ...), msmt_version="V1")``: :func:`write_benchmark_trees`."""
+    return write_benchmark_trees
+
+
+@pytest.fixture
+def benchmark_sizes() -> dict[str, dict[str, object]]:
+    """A copy of :data:`BENCHMARK_TREES`: each tree's folder name, train ids, test ids and cameras."""
+    return {name: dict(tree) for name, tree in BENCHMARK_TREES.items()}
+
+
+@pytest.fixture(scope="session")
+def benchmark_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data_dir holding Market-1501-v15.09.15/, DukeMTMC-reID/ and MSMT17_V1/ side by side (see BENCHMARK_TREES).
+
+    Every file name parses and every id has enough images per camera for a tiny training run of any real preset.
+    """
+    return write_benchmark_trees(tmp_path_factory.mktemp("benchmarks"))
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from dgnetpp_pl.data.datasets import (
     verify_images,
 )
 from dgnetpp_pl.data.records import ImageRecord
+from dgnetpp_pl.data.synthetic import SMALL_SIZES, SOURCE_STYLE, synthetic_domain_dir
 from dgnetpp_pl.data.torch_datasets import ReIDImageDataset
 from dgnetpp_pl.data.transforms import build_test_transform
 from dgnetpp_pl.inference import load_model
@@ -79,6 +80,7 @@ def test_missing_root_names_path_subfolders_and_source(tmp_path: Path, cls, hint
     assert str(missing) in message and hint in message
     expected = "list_query.txt" if cls is MSMT17 else "bounding_box_train"
     assert expected in message and "does not exist" in message
+    assert f"a folder named {' or '.join(p + '/' for p in cls.folder_patterns)}" in message
 
 
 def test_root_without_the_layout_lists_expected_and_found(tmp_path: Path, write_jpeg) -> None:
@@ -133,6 +135,24 @@ def test_image_folder_csv_errors(tmp_path: Path, write_jpeg) -> None:
         assert len(ImageFolderReID(tmp_path, strict=False).train) == 1
 
 
+def test_records_csv_paths_must_stay_inside_the_root(tmp_path: Path, write_jpeg) -> None:
+    root = tmp_path / "custom"
+    write_jpeg(root / "img" / "a.jpg")
+    outside = write_jpeg(tmp_path / "outside.jpg")  # exists, so only the confinement can reject it
+    rows = ["img/a.jpg,1", f"{outside},2", "../outside.jpg,3", "img/../../outside.jpg,4", "./img/a.jpg,5"]
+    (root / "records.csv").write_text("path,pid\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DatasetError) as info:
+        ImageFolderReID(root)
+    message = str(info.value)
+    assert "3 entries do not parse" in message
+    for number, path in ((3, str(outside)), (4, "../outside.jpg"), (5, "img/../../outside.jpg")):
+        assert f"records.csv:{number}: path '{path}' leaves the dataset root" in message
+    with pytest.warns(UserWarning, match="3 entries"):
+        ds = ImageFolderReID(root, strict=False)
+    assert sorted(Path(r.path).name for r in ds.train) == ["a.jpg", "a.jpg"]
+    assert all(Path(r.path).resolve().is_relative_to(root.resolve()) for r in ds.train)
+
+
 def test_unknown_dataset_name_lists_the_valid_ones(tmp_path: Path, market_tree) -> None:
     market_tree(tmp_path)
     with pytest.raises(DatasetError, match=r"unknown dataset name 'market'.*dukemtmc, folder, market1501, msmt17"):
@@ -177,7 +197,7 @@ def test_verify_images_reports_every_bad_file(tmp_path: Path, market_tree) -> No
 
 def test_datamodule_verify_lists_every_unreadable_image(tmp_path: Path, synthetic_data_dir: Path) -> None:
     copy = tmp_path / "market"
-    shutil.copytree(synthetic_data_dir / "synthetic" / "indoor_s0", copy)
+    shutil.copytree(synthetic_domain_dir(synthetic_data_dir, SOURCE_STYLE.with_overrides(SMALL_SIZES), 0), copy)
     ds = Market1501(copy)
     bad = [ds.train[3].path, ds.query[0].path, ds.gallery[-1].path]
     for path in bad:

@@ -2,11 +2,14 @@
 
 Every reader exposes ``.train``, ``.query`` and ``.gallery`` as lists of :class:`ImageRecord`. Train pids
 are relabelled to ``0..num_train_pids-1``; query and gallery keep the original pids. Camera ids are 0-based.
+A benchmark reader finds its dataset by folder name (``Market-1501*``, ``DukeMTMC-reID*``, ``MSMT17*``) in
+``root`` or one level down, so all three can sit side by side under one data folder.
 """
 
 from __future__ import annotations
 
 import csv
+import fnmatch
 import os
 import re
 import warnings
@@ -20,7 +23,7 @@ from PIL import Image
 from dgnetpp_pl.data.records import ImageRecord
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-_MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)(?:s\d+)?_.*\.jpg$", re.IGNORECASE)
+_MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)(?:s\d+)?_.*(?:" + "|".join(map(re.escape, IMAGE_EXTENSIONS)) + ")$", re.I)
 _SHOW = 5  # how many offending names an error or warning quotes
 
 
@@ -33,9 +36,10 @@ def _is_image(name: str) -> bool:
 
 
 def parse_market_name(name: str) -> tuple[int, int] | None:
-    """Return ``(pid, camid)`` from a Market / Duke style file name, or None when it does not parse.
+    """Return ``(pid, camid)`` from a Market / Duke style image file name, or None when it does not parse.
 
     ``0002_c1s1_000451_03.jpg`` -> ``(2, 0)``; ``0005_c2_f0046985.jpg`` -> ``(5, 1)``; camid = camera - 1.
+    Any extension of :data:`IMAGE_EXTENSIONS` is accepted (the benchmarks ship JPEGs).
     """
     match = _MARKET_NAME.match(name)
     if match is None or int(match.group(2)) < 1:
@@ -72,31 +76,78 @@ class _Problems:
         warnings.warn(f"{head}; skipped them: {shown}{more}.", stacklevel=3)
 
 
-def _find_root(root: str | os.PathLike, required: Sequence[str], what: str, where_to_get: str) -> Path:
-    """Return the folder holding every entry of ``required``: ``root`` itself or one of its sub-folders."""
+def _layout_gaps(folder: Path, layouts: Sequence[Sequence[str]]) -> list[list[str]]:
+    """For each layout, the entries of it that ``folder`` lacks (an empty list: the layout is complete)."""
+    return [[name for name in layout if not (folder / name).exists()] for layout in layouts]
+
+
+def _named(folder_name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(folder_name.lower(), pattern.lower()) for pattern in patterns)
+
+
+def dataset_named(folder_name: str) -> str | None:
+    """The benchmark whose folder names match ``folder_name`` (``'Market-1501-v15.09.15'`` -> ``'market1501'``)."""
+    for name, cls in DATASETS.items():
+        if _named(folder_name, cls.folder_patterns):
+            return name
+    return None
+
+
+def find_dataset_root(
+    root: str | os.PathLike,
+    dataset: str,
+    patterns: Sequence[str],
+    layouts: Sequence[Sequence[str]],
+    where_to_get: str = "",
+) -> tuple[Path, int]:
+    """Return ``(folder, index of its layout)`` for ``dataset`` under ``root``.
+
+    ``root`` itself wins when it holds a layout and is not named as another benchmark (e.g. ``/data/my_copy``);
+    otherwise exactly one sub-folder named like ``patterns`` (case-insensitive globs) must hold a layout.
+    """
     base = Path(root).expanduser()
-    expected = ", ".join(required)
+    looked_for = " or ".join(f"{p}/" for p in patterns)
+    expected = " or ".join(", ".join(layout) for layout in layouts)
     if not base.is_dir():
         raise DatasetError(
-            f"{what} root '{base}' does not exist or is not a folder. Expected a folder holding {expected} "
-            f"(directly or one level down). {where_to_get}"
+            f"{dataset} root '{base}' does not exist or is not a folder. Expected {expected} in a folder named "
+            f"{looked_for} (root itself or one level down). {where_to_get}".rstrip()
         )
-
-    def has_all(folder: Path) -> bool:
-        return all((folder / name).exists() for name in required)
-
-    if has_all(base):
-        return base.resolve()
-    found = [child for child in sorted(base.iterdir()) if child.is_dir() and has_all(child)]
-    if len(found) == 1:
-        return found[0].resolve()
-    if len(found) > 1:
-        names = ", ".join(str(f) for f in found)
-        raise DatasetError(f"{what}: several folders under '{base}' hold the dataset ({names}); set root to one.")
-    present = ", ".join(sorted(p.name for p in base.iterdir())[:10]) or "nothing"
-    raise DatasetError(
-        f"{what} not found in '{base}': expected {expected} there or one level down, found {present}. {where_to_get}"
+    owner = dataset_named(Path(os.path.abspath(base)).name)
+    if owner is not None and owner != dataset:
+        raise DatasetError(
+            f"{dataset}: root '{base}' is named as a {owner} folder, and {dataset} reads only folders named "
+            f"{looked_for}. Set root to the {dataset} folder or to the folder that holds it."
+        )
+    gaps = _layout_gaps(base, layouts)
+    if [] in gaps:
+        return base.resolve(), gaps.index([])
+    named = [child for child in sorted(base.iterdir()) if child.is_dir() and _named(child.name, patterns)]
+    found = [(child, _layout_gaps(child, layouts)) for child in named]
+    complete = [(child, child_gaps.index([])) for child, child_gaps in found if [] in child_gaps]
+    if len(complete) == 1:
+        return complete[0][0].resolve(), complete[0][1]
+    if len(complete) > 1:
+        names = ", ".join(str(child) for child, _ in complete)
+        raise DatasetError(
+            f"{dataset}: several copies of the dataset under '{base}' ({names}); set root to the one to use."
+        )
+    incomplete = [(base, gaps)] if owner == dataset else []
+    incomplete += [(child, gaps) for child, gaps in found]
+    lacking = "".join(
+        f" '{folder}' is named as a {dataset} folder but lacks {', '.join(min(folder_gaps, key=len))}."
+        for folder, folder_gaps in incomplete
     )
+    present = ", ".join(_describe(p) for p in sorted(base.iterdir())[:10]) or "nothing"
+    raise DatasetError(
+        f"{dataset} not found in '{base}': expected {expected} in '{base}' itself or in a sub-folder named "
+        f"{looked_for}; found {present}.{lacking} {where_to_get}".rstrip()
+    )
+
+
+def _describe(entry: Path) -> str:
+    owner = dataset_named(entry.name) if entry.is_dir() else None
+    return f"{entry.name} (a {owner} folder)" if owner else entry.name
 
 
 def _require_nonempty(records: list[ImageRecord], dataset: str, split: str, location: Path) -> None:
@@ -111,6 +162,7 @@ class ReIDDataset:
     """Common attributes of every reader: the three splits and the train label / camera counts."""
 
     name: ClassVar[str] = "reid"
+    folder_patterns: ClassVar[tuple[str, ...]] = ()  # the benchmark's own folder names, case-insensitive globs
     root: Path
     train: list[ImageRecord]
     query: list[ImageRecord]
@@ -124,6 +176,18 @@ class ReIDDataset:
     def num_train_cams(self) -> int:
         """Camera ids of the train split are ``0..num_train_cams-1``."""
         return max((r.camid for r in self.train), default=-1) + 1
+
+    def require_eval_splits(self, role: str) -> None:
+        """Raise :class:`DatasetError` naming ``role`` (e.g. ``"data.target"``) when query or gallery is empty."""
+        missing = [split for split in ("query", "gallery") if not getattr(self, split)]
+        if missing:
+            raise DatasetError(
+                f"{role}: {self.name} at '{self.root}' has no {' and no '.join(missing)} images, so it cannot be "
+                f"evaluated on. {self._how_to_add_eval_splits()}"
+            )
+
+    def _how_to_add_eval_splits(self) -> str:
+        return "Check that the dataset was unpacked completely."
 
     def __repr__(self) -> str:
         return (
@@ -144,7 +208,7 @@ class _MarketLayout(ReIDDataset):
 
     def __init__(self, root: str | os.PathLike, strict: bool = True) -> None:
         folders = [folder for _, folder in self.splits]
-        self.root = _find_root(root, folders, self.name, self.where_to_get)
+        self.root, _ = find_dataset_root(root, self.name, self.folder_patterns, [folders], self.where_to_get)
         problems = _Problems(self.name, self.root, strict, "'<pid>_c<camera>[s<seq>]_<rest>.jpg'")
         parsed = {split: self._read_folder(self.root / folder, split, problems) for split, folder in self.splits}
         problems.report()
@@ -180,6 +244,7 @@ class Market1501(_MarketLayout):
     """
 
     name = "market1501"
+    folder_patterns = ("Market-1501*", "Market1501*")
     where_to_get = (
         "Market-1501 is distributed by its authors (Zheng et al., ICCV 2015, 'Scalable Person "
         "Re-identification: A Benchmark'): download Market-1501-v15.09.15 from their project page, unpack it "
@@ -194,6 +259,7 @@ class DukeMTMCreID(_MarketLayout):
     """
 
     name = "dukemtmc"
+    folder_patterns = ("DukeMTMC-reID*", "DukeMTMCreID*")
     where_to_get = (
         "DukeMTMC-reID was withdrawn by its authors in 2019 and is no longer distributed: you must "
         "already hold a copy (the DukeMTMC-reID folder) and point root at it."
@@ -201,32 +267,38 @@ class DukeMTMCreID(_MarketLayout):
 
 
 class MSMT17(ReIDDataset):
-    """MSMT17 V1 (Wei et al., CVPR 2018): ``train/``, ``test/`` and ``list_{train,val,query,gallery}.txt``.
+    """MSMT17 (Wei et al., CVPR 2018), V1 (``train/``, ``test/``) or V2 (``mask_train_v2/``, ``mask_test_v2/``,
+    faces blurred), each with ``list_{train,val,query,gallery}.txt``.
 
-    Each list line is ``<path relative to train/ or test/> <pid>``; the camera is the third ``_`` field of
-    the file name (1..15, so camid 0..14). ``combine_train_val=True`` (the default, as SpCL and OpenUnReID
+    Each list line is ``<path relative to the train or test folder> <pid>``; the camera is the third ``_`` field
+    of the file name (1..15, so camid 0..14). ``combine_train_val=True`` (the default, as SpCL and OpenUnReID
     report) trains on list_train + list_val: 1,041 ids, 32,621 images; ``False`` uses list_train only
     (30,248 images). Query: 11,659 images, gallery: 82,161 images.
     """
 
     name = "msmt17"
+    folder_patterns = ("MSMT17*",)  # MSMT17, MSMT17_V1, MSMT17_V2
+    versions: ClassVar[dict[str, tuple[str, str]]] = {"V1": ("train", "test"), "V2": ("mask_train_v2", "mask_test_v2")}
     where_to_get = (
         "MSMT17 is available on request from its authors at Peking University (Wei et al., CVPR 2018); "
-        "unpack MSMT17_V1 and point root at it."
+        "unpack MSMT17_V1 (or MSMT17_V2) and point root at it or at the folder that holds it."
     )
 
     def __init__(self, root: str | os.PathLike, strict: bool = True, combine_train_val: bool = True) -> None:
         lists = ["list_train.txt", "list_query.txt", "list_gallery.txt"]
         if combine_train_val:
             lists.insert(1, "list_val.txt")
-        self.root = _find_root(root, ["train", "test", *lists], self.name, self.where_to_get)
+        layouts = [[*folders, *lists] for folders in self.versions.values()]
+        self.root, index = find_dataset_root(root, self.name, self.folder_patterns, layouts, self.where_to_get)
+        self.version = list(self.versions)[index]
+        train_dir, test_dir = (self.root / folder for folder in self.versions[self.version])
         self.combine_train_val = combine_train_val
         expected = "'<relative path> <pid>' lines, file names <pid>_<n>_<camera>_..."
         problems = _Problems(self.name, self.root, strict, expected)
         train_lists = lists[:-2]
-        train = [r for name in train_lists for r in self._read_list(name, self.root / "train", problems)]
-        query = self._read_list("list_query.txt", self.root / "test", problems)
-        gallery = self._read_list("list_gallery.txt", self.root / "test", problems)
+        train = [r for name in train_lists for r in self._read_list(name, train_dir, problems)]
+        query = self._read_list("list_query.txt", test_dir, problems)
+        gallery = self._read_list("list_gallery.txt", test_dir, problems)
         problems.report()
         _require_nonempty(train, self.name, "train", self.root / " + ".join(train_lists))
         _require_nonempty(query, self.name, "query", self.root / "list_query.txt")
@@ -256,9 +328,11 @@ class MSMT17(ReIDDataset):
 class ImageFolderReID(ReIDDataset):
     """Custom data: ``root/records.csv`` (header ``path,pid[,camid][,split]``) or one sub-folder per identity.
 
-    In folder mode the sub-folder name is the identity and camid is 0 unless the file name parses as
-    Market style. In CSV mode paths are relative to root and ``split`` (train/query/gallery, default
-    train) fills ``.query`` / ``.gallery``; without it they stay empty. pid -1 rows are junk and skipped.
+    In folder mode each sub-folder name is one identity (``1``, ``01`` and ``001`` are three people), labelled in
+    sorted order of the names, and camid is 0 unless the file name parses as Market style; there is no query or
+    gallery, so such a folder is a training source only. In CSV mode paths are relative to root and stay inside
+    it, and ``split`` (train/query/gallery, default train) fills ``.query`` / ``.gallery``. pid -1 rows are junk
+    and skipped.
     """
 
     name = "folder"
@@ -291,10 +365,8 @@ class ImageFolderReID(ReIDDataset):
         for entry in entries:
             if entry.is_file() and _is_image(entry.name):
                 problems.add(f"{entry.name} (not inside an identity folder)")
-        numeric = all(re.fullmatch(r"\d+", f) for f in folders)
         records = []
-        for index, folder in enumerate(folders):
-            pid = int(folder) if numeric else index
+        for pid, folder in enumerate(folders):  # keyed by the name string, never by its numeric value
             for name in sorted(os.listdir(self.root / folder)):
                 if _is_image(name):
                     parsed = parse_market_name(name)
@@ -323,6 +395,8 @@ class ImageFolderReID(ReIDDataset):
 
     def _parse_row(self, row: dict[str, Any]) -> tuple[ImageRecord, str] | str:
         """Return ``(record, split)`` for a valid row, else the reason it is not."""
+        if os.path.isabs(row["path"]) or os.path.normpath(row["path"]).split(os.sep)[0] == os.pardir:
+            return f"path {row['path']!r} leaves the dataset root; give it relative to '{self.root}', inside it"
         path = self.root / row["path"]
         split = row.get("split") or "train"
         try:
@@ -340,6 +414,14 @@ class ImageFolderReID(ReIDDataset):
             parsed = parse_market_name(path.name)
             camid = parsed[1] if parsed else 0
         return ImageRecord(str(path), pid, camid), split
+
+    def _how_to_add_eval_splits(self) -> str:
+        if (self.root / self.csv_name).is_file():
+            return f"Add rows with split=query and split=gallery to '{self.root / self.csv_name}'."
+        return (
+            f"One sub-folder per identity gives train images only: add '{self.root / self.csv_name}' with the "
+            "columns path,pid,camid,split and rows with split=query and split=gallery."
+        )
 
 
 DATASETS: dict[str, type[ReIDDataset]] = {

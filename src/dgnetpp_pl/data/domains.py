@@ -41,11 +41,18 @@ def prepare_domain(domain: DomainConfig, synthetic: SyntheticConfig, data_dir: s
 
 
 def build_domain(domain: DomainConfig, synthetic: SyntheticConfig, data_dir: str | Path, role: str) -> ReIDDataset:
-    """The dataset of ``data.<role>``: its reader on ``root`` (default: ``data_dir``), or the synthetic domain."""
+    """The dataset of ``data.<role>``: its reader on ``root`` (default: ``data_dir``), or the synthetic domain.
+
+    The target is always evaluated on, so a target without query or gallery images is an error here.
+    """
     try:
         if domain.name == "synthetic":
-            return Market1501(prepare_domain(domain, synthetic, data_dir))
-        options = {} if domain.combine_train_val is None else {"combine_train_val": domain.combine_train_val}
-        return build_dataset(domain.name, domain.root or data_dir, strict=domain.strict, **options)
+            dataset: ReIDDataset = Market1501(prepare_domain(domain, synthetic, data_dir))
+        else:
+            options = {} if domain.combine_train_val is None else {"combine_train_val": domain.combine_train_val}
+            dataset = build_dataset(domain.name, domain.root or data_dir, strict=domain.strict, **options)
     except DatasetError as err:
         raise DatasetError(f"data.{role}: {err}") from err
+    if role == "target":
+        dataset.require_eval_splits("data.target")
+    return dataset
