@@ -6,7 +6,6 @@ the output folder, and with ``vis=true`` writes a rank-list picture and logs it 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from dgnetpp_pl.atomic_io import write_json
 from dgnetpp_pl.config import CONF_DIR, DataConfig
 from dgnetpp_pl.data.datamodule import CrossDomainDataModule
 from dgnetpp_pl.features import check_finite, extract_features
@@ -24,6 +24,7 @@ from dgnetpp_pl.inference import load_model, pick_device
 from dgnetpp_pl.instantiate import instantiate_group
 from dgnetpp_pl.metrics import evaluate_ranking
 from dgnetpp_pl.reranking import re_rank
+from dgnetpp_pl.startup import before_hydra
 from dgnetpp_pl.visualize import rank_list_image, save_rank_list
 
 
@@ -84,11 +85,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             logger.log_metrics({f"eval/{k}": v for k, v in results["plain"].items()}, step=0)
             logger.finalize("success")
         print(f"rank list: {path}")
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+    write_json(out_dir / "metrics.json", results)
     print(f"metrics: {out_dir / 'metrics.json'}")
     return results
 
 
+@before_hydra(CONF_DIR, "evaluate")  # _target_ check and run-folder lock, before Hydra starts
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     return evaluate(cfg)["plain"]["mAP"]

@@ -4,7 +4,6 @@ return the optimised metric for sweepers. ``python -m dgnetpp_pl`` and ``dgnetpp
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,14 +14,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dgnetpp_pl.allocator import keep_freed_memory
+from dgnetpp_pl.atomic_io import write_json
 from dgnetpp_pl.callbacks.pseudo_label import PseudoLabelCallback
-from dgnetpp_pl.checkpoints import load_checkpoint, resolve_resume
+from dgnetpp_pl.checkpoints import AtomicCheckpointIO, load_checkpoint, read_result, resolve_resume
 from dgnetpp_pl.config import CONF_DIR, ConfigError, validate_config
 from dgnetpp_pl.data.datamodule import CrossDomainDataModule
 from dgnetpp_pl.instantiate import instantiate_group
 from dgnetpp_pl.module import DGNetPP
 from dgnetpp_pl.report import print_summary, write_sweep_summary
 from dgnetpp_pl.signals import CheckpointOnSigterm
+from dgnetpp_pl.startup import before_hydra
 
 STAGE_LABELS = {"source": "direct transfer (source-only)", "adapt": "DG-Net++ adapted"}
 
@@ -56,6 +57,7 @@ def build_trainer(cfg: DictConfig, stage: str, callbacks: list, loggers: list, s
         # Pseudo-labels change between epochs: rebuild the train loader so workers see them.
         reload_dataloaders_every_n_epochs=1,
         use_distributed_sampler=True,
+        plugins=[AtomicCheckpointIO()],  # atomic saves in the checkpoint's own folder, previous last.ckpt kept
     )
 
 
@@ -91,7 +93,7 @@ def run_stage(cfg: DictConfig, stage: str, init_ckpt: str | None = None) -> dict
     resume = resolve_resume(cfg.ckpt_path, stage_dir) if cfg.ckpt_path else None
     if cfg.ckpt_path and done_file.exists():
         # This stage finished before the interruption: reuse it.
-        return json.loads(done_file.read_text())
+        return read_result(done_file)
 
     dm = build_datamodule(cfg, stage)
     dm.prepare_data()
@@ -159,7 +161,7 @@ def run_stage(cfg: DictConfig, stage: str, init_ckpt: str | None = None) -> dict
     result["swap_grids"] = str(out_dir / "swap_grids")
     if trainer.is_global_zero:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        done_file.write_text(json.dumps(result, indent=2))
+        write_json(done_file, result)
     return result
 
 
@@ -195,7 +197,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results["adapt"] = run_stage(cfg, "adapt", init_ckpt=init)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and os.environ.get("NODE_RANK", "0") == "0":
         out_dir = Path(cfg.paths.output_dir)
-        (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+        write_json(out_dir / "metrics.json", results)
         print_summary(results, STAGE_LABELS)
     return results
 
@@ -206,6 +208,7 @@ def optimized_value(cfg: DictConfig, results: dict[str, Any]) -> float | None:
     return None if value is None else float(value)
 
 
+@before_hydra(CONF_DIR, "config")  # _target_ check and run-folder lock, before Hydra starts
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the optimised metric so sweepers can use it."""

@@ -30,6 +30,7 @@ from dgnetpp_pl.data.datasets import (
     verify_images,
 )
 from dgnetpp_pl.data.records import ImageRecord
+from dgnetpp_pl.data.resumable import ResumableDataLoader
 from dgnetpp_pl.data.synthetic import SOURCE_STYLE, TARGET_STYLE, generate_domain, synthetic_domain_dir
 from dgnetpp_pl.data.transforms import build_test_transform, build_train_transform
 
@@ -465,10 +466,12 @@ class CrossDomainDataModule(pl.LightningDataModule):
             self._train_sampler.set_epoch(self._epoch)
 
     # ------------------------------------------------------------------------------------- loaders
-    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, cls: type[DataLoader] = DataLoader, **kwargs: Any
+    ) -> DataLoader:
         # No persistent workers: loaders are rebuilt every epoch (train.py reloads them), and with
         # persistent workers every old loader would keep its processes alive until collected.
-        return DataLoader(
+        return cls(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
@@ -493,7 +496,11 @@ class CrossDomainDataModule(pl.LightningDataModule):
             drop_target_outliers=self.drop_target_outliers,
         )
         return self._loader(
-            self._train_set, self._train_sampler.batch_size, sampler=self._train_sampler, drop_last=True
+            self._train_set,
+            self._train_sampler.batch_size,
+            ResumableDataLoader,  # a mid-epoch checkpoint continues the epoch where it stopped
+            sampler=self._train_sampler,
+            drop_last=True,
         )
 
     def _eval_loader(self, query: list[ImageRecord], gallery: list[ImageRecord]) -> DataLoader:
