@@ -187,7 +187,7 @@ def test_when_no_generation_loads_the_error_recommends_no_broken_file(tmp_path: 
     message = str(info.value)
     assert "no checkpoint of" in message and "can be resumed" in message
     assert "last.ckpt is truncated or corrupt" in message and "last.prev.ckpt is truncated or corrupt" in message
-    assert "e.g. last.ckpt" not in message and "ckpt_path=last" not in message.split("can be resumed.")[1]
+    assert "e.g. last.ckpt" not in message and "ckpt_path=last" not in message.split("can be resumed:")[1]
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(stage / "last.ckpt")
     assert "last.ckpt" not in str(info.value).replace(str(stage / "last.ckpt"), "")

@@ -71,7 +71,16 @@ def test_stale_locks_are_taken_over_and_other_hosts_are_not_guessed(tmp_path: Pa
     elsewhere = {**record, "pid": os.getpid(), "host": "another-node"}
     (tmp_path / LOCK_NAME).write_text(json.dumps(elsewhere))
     with pytest.raises(RunFolderBusy, match=rf"PID {os.getpid()} on another-node.*delete .*{LOCK_NAME}"):
-        RunLock(tmp_path).acquire()
+        RunLock(tmp_path).acquire(stale_after_s=120)
+    an_hour_ago = time.time() - 3600  # no heartbeat from that host for an hour: its run is gone
+    os.utime(tmp_path / LOCK_NAME, (an_hour_ago, an_hour_ago))
+    with RunLock(tmp_path).acquire(stale_after_s=120):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    beating = RunLock(tmp_path, heartbeat_s=0.05).acquire()
+    os.utime(tmp_path / LOCK_NAME, (an_hour_ago, an_hour_ago))
+    time.sleep(0.5)
+    assert time.time() - (tmp_path / LOCK_NAME).stat().st_mtime < 5  # the holder's heartbeat touched it again
+    beating.release()
     mine = RunLock(tmp_path / "sub").acquire()
     (tmp_path / "sub" / LOCK_NAME).write_text(json.dumps({**record, "pid": os.getpid(), "token": "someone else"}))
     mine.release()  # not its lock any more: left alone

@@ -23,7 +23,14 @@ from dgnetpp_pl.runlock import process_is_rank_zero
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupt, foreign or incompatible; the message names the file."""
+    """A checkpoint is missing, truncated, corrupt, foreign or incompatible; the message names the file.
+
+    ``reason`` is the short form (e.g. ``"is truncated or corrupt (...)"``), for messages that list several files.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 # Pickle opcodes that push a string, and those that name a global: enough to list what a pickle would import.
@@ -75,7 +82,8 @@ def _refused(path: Path, names: list[str]) -> CheckpointError:
         f"Checkpoint {path} holds a pickled object ({shown}) that safe loading (weights_only=True) refuses: "
         "refused code, because unpickling it would import and call that object. It was not run. dgnetpp_pl "
         "checkpoints hold only tensors and plain values, so this file was not written by dgnetpp_pl or was "
-        "altered; do not load it by other means unless you trust its source. Use a checkpoint written by dgnetpp_pl."
+        "altered; do not load it by other means unless you trust its source. Use a checkpoint written by dgnetpp_pl.",
+        reason=f"holds refused code ({shown})",
     )
 
 
@@ -97,20 +105,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             raise _refused(path, unsafe) from None
         raise _corrupt(path, "its pickled data is malformed") from None
     except OSError as err:
-        raise CheckpointError(f"Checkpoint {path} cannot be read: {err}.") from None
+        raise CheckpointError(f"Checkpoint {path} cannot be read: {err}.", reason=f"cannot be read ({err})") from None
     except Exception as err:  # torch.load fails in many ways on bytes that are not a checkpoint (even KeyError)
-        first = str(err).splitlines()[0] if str(err) else ""
+        first = str(err).splitlines()[0].split(". ")[0] if str(err) else ""  # torch's first sentence
         raise _corrupt(path, f"{type(err).__name__}{': ' + first if first else ''}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"Checkpoint {path} holds no 'state_dict'; it is not a dgnetpp_pl checkpoint.")
+        raise CheckpointError(
+            f"Checkpoint {path} holds no 'state_dict'; it is not a dgnetpp_pl checkpoint.",
+            reason="holds no 'state_dict' (not a dgnetpp_pl checkpoint)",
+        )
     return ckpt
 
 
 def _corrupt(path: Path, reason: str) -> CheckpointError:
-    # Never point at a sibling by name here: it may be the broken file itself (resume_source() checks siblings).
+    # Never point at a sibling by name here: it may be the broken file itself (resolve_resume() checks the siblings).
     return CheckpointError(
         f"Checkpoint {path} is truncated or corrupt and cannot be loaded ({reason}). Do not use this file: give an "
-        "earlier checkpoint that loads, or train again."
+        "earlier checkpoint that loads, or train again.",
+        reason=f"is truncated or corrupt ({reason})",
     )
 
 
@@ -155,12 +167,12 @@ def _earlier_stage_finished(stage_dir: Path) -> bool:
     return any((stage_dir.parent / name / "result.json").is_file() for name in earlier)
 
 
-def _try_load(path: Path) -> str | None:
-    """None when ``path`` loads (memory-mapped), else why it does not."""
+def _try_load(path: Path) -> CheckpointError | None:
+    """None when ``path`` loads (memory-mapped), else the error."""
     try:
         load_checkpoint(path, mmap=True)
     except CheckpointError as err:
-        return str(err)
+        return err
     return None
 
 
@@ -175,22 +187,24 @@ def _resume_last(stage_dir: Path) -> str | None:
             f"{stage_dir.parent}). Resume the interrupted run in its own folder: hydra.run.dir=<that run> "
             "ckpt_path=last; or leave ckpt_path unset to start a fresh run."
         )
-    problem = _try_load(last) if last.is_file() else f"{last} is missing"
-    if problem is None:
+    last_error = _try_load(last) if last.is_file() else None
+    if last.is_file() and last_error is None:
         return str(last)
-    prev_problem = _try_load(prev) if prev.is_file() else f"there is no previous generation {prev.name}"
-    if prev_problem is not None:
+    problem = f"{last} {last_error.reason}" if last_error else f"{last} is missing"
+    prev_error = _try_load(prev) if prev.is_file() else None
+    if not prev.is_file() or prev_error is not None:
+        prev_problem = f"{prev} {prev_error.reason}" if prev_error else f"there is no {prev.name}"
         raise CheckpointError(
-            f"ckpt_path=last: no checkpoint of {stage_dir} can be resumed. {problem} And {prev_problem}. Resume from "
-            "another checkpoint of this stage that loads (ckpt_path=<file>), or start a fresh run."
+            f"ckpt_path=last: no checkpoint of {stage_dir} can be resumed: {problem}, and {prev_problem}. Resume "
+            "from another checkpoint of this stage that loads (ckpt_path=<file>), or start a fresh run."
         )
     if last.is_file() and process_is_rank_zero():
         # Set the damaged file aside, so the next save does not rotate it into last.prev.ckpt.
         with contextlib.suppress(OSError):
             os.replace(last, last.with_name(last.name + ".corrupt"))
     rank_zero_warn(
-        f"{problem} Resuming from the previous generation {prev} instead (one save earlier); the damaged file is kept "
-        f"as {last.name}.corrupt."
+        f"{problem}. Resuming from the previous generation {prev} instead (one save earlier); the "
+        f"damaged file is kept as {last.name}.corrupt."
     )
     return str(prev)
 
@@ -231,7 +245,7 @@ def resolve_resume(ckpt_path: str | None, stage_dir: Path) -> str | None:
         )
     problem = _try_load(path)
     if problem is not None:
-        raise CheckpointError(f"ckpt_path={ckpt_path} cannot be resumed from. {problem}")
+        raise CheckpointError(f"ckpt_path={ckpt_path} cannot be resumed from: {problem}")
     return str(path)
 
 

@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -102,14 +103,27 @@ class Holder:
 
 class RunLock:
     """An exclusive lock file in ``folder``. ``acquire()`` raises :class:`RunFolderBusy` if a live run holds it
-    (after waiting up to ``wait_s``); ``stale_after_s`` also breaks locks from other hosts once they are that old.
-    Released by :meth:`release`, on leaving a ``with`` block, or at interpreter exit."""
+    (after waiting up to ``wait_s``). A holder on another host cannot be asked whether it lives: with
+    ``heartbeat_s`` the holder touches its file that often, and ``stale_after_s`` breaks a lock from another host
+    whose file is older than that. Released by :meth:`release`, on leaving a ``with`` block, or at interpreter exit."""
 
-    def __init__(self, folder: str | Path, name: str = LOCK_NAME, what: str = "run folder") -> None:
+    def __init__(
+        self, folder: str | Path, name: str = LOCK_NAME, what: str = "run folder", heartbeat_s: float | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.path = self.folder / name
         self.what = what
+        self.heartbeat_s = heartbeat_s
         self.holder: Holder | None = None
+        self._stop = threading.Event()
+
+    def _beat(self) -> None:
+        # Touch the file while held, so that a run on another host can tell a live holder from a dead one.
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
 
     def _me(self) -> Holder:
         command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
@@ -180,6 +194,9 @@ class RunLock:
                     os.fsync(fh.fileno())
                 self.holder = me
                 atexit.register(self.release)
+                if self.heartbeat_s:
+                    self._stop.clear()
+                    threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True).start()
                 return self
             holder, raw = self._read()
             if self._stale(holder, stale_after_s):
@@ -202,6 +219,7 @@ class RunLock:
         """Remove the lock file if it is still this holder's."""
         if self.holder is None or self.holder.pid != os.getpid():  # never from a forked child
             return
+        self._stop.set()
         holder, _ = self._read()
         if holder is not None and holder.token == self.holder.token:
             with contextlib.suppress(OSError):

@@ -130,5 +130,8 @@ class CheckpointOnSigterm(Checkpoint):
     def exit(self) -> None:
         """Report where training can resume from and leave with status 0."""
         where = f"saved {self.saved}" if self.saved else f"the last checkpoint in {self.dirpath} is kept"
-        rank_zero_info(f"Stopped on SIGTERM; {where}. Resume with the same command plus ckpt_path=last.")
+        run_dir = self.dirpath.parent.parent  # <run>/checkpoints/<stage>
+        rank_zero_info(
+            f"Stopped on SIGTERM; {where}. Resume with the same command plus hydra.run.dir={run_dir} ckpt_path=last."
+        )
         raise SystemExit(0)

@@ -26,6 +26,8 @@ from dgnetpp_pl.config import ConfigError
 from dgnetpp_pl.instantiate import check_targets
 from dgnetpp_pl.runlock import RunFolderBusy, RunLock, process_is_rank_zero
 
+HEARTBEAT_S = 30.0  # how often a run touches its lock file
+
 
 def compose_as_hydra(
     task_function: Callable, config_dir: Path, config_name: str, argv: Sequence[str]
@@ -89,8 +91,9 @@ def checked_and_locked(cfg: DictConfig, run_mode: RunMode) -> Iterator[RunLock |
         folder = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
     lock = None
     if folder and process_is_rank_zero():  # other ranks join the run that rank 0 holds
-        lock = RunLock(Path(folder).absolute(), what="sweep folder" if run_mode == RunMode.MULTIRUN else "run folder")
-        lock.acquire()
+        what = "sweep folder" if run_mode == RunMode.MULTIRUN else "run folder"
+        lock = RunLock(Path(folder).absolute(), what=what, heartbeat_s=HEARTBEAT_S)
+        lock.acquire(stale_after_s=4 * HEARTBEAT_S)  # a run resumed on another node after its holder's node died
     try:
         yield lock
     finally:
