@@ -178,10 +178,11 @@ def _try_load(path: Path) -> CheckpointError | None:
 
 def _resume_last(stage_dir: Path) -> str | None:
     last, prev = stage_dir / "last.ckpt", previous_path(stage_dir / "last.ckpt")
-    finished = (stage_dir / "result.json").is_file()
+    if (stage_dir / "result.json").is_file():
+        return None  # the stage finished: its result is reused and no checkpoint of it is loaded
     if not last.is_file() and not prev.is_file():
-        if finished or _earlier_stage_finished(stage_dir):
-            return None  # finished stage (its result is reused), or the run stopped before this stage's first save
+        if _earlier_stage_finished(stage_dir):
+            return None  # the run stopped after the previous stage, before this stage's first save
         raise CheckpointError(
             f"ckpt_path=last: nothing to resume in {stage_dir} (no last.ckpt, and no finished stage in "
             f"{stage_dir.parent}). Resume the interrupted run in its own folder: hydra.run.dir=<that run> "
