@@ -302,15 +302,19 @@ def test_invalid_choice_fails_naming_the_key() -> None:
 def test_foreign_target_is_refused_by_instantiate(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"Refusing to instantiate 'os.system' at 'callbacks.evil'"):
         safe_instantiate({"_target_": "os.system", "command": "true"}, ["dgnetpp_pl", "torch"], "callbacks.evil")
-    nested = {"_target_": "torch.nn.Sequential", "_args_": [{"_target_": "subprocess.call", "args": ["true"]}]}
-    with pytest.raises(ConfigError, match=r"'subprocess.call' at 'callbacks.nested'"):
-        safe_instantiate(nested, ["torch"], "callbacks.nested")
+    nested = {"_target_": "pytorch_lightning.callbacks.LambdaCallback", "_args_": [{"_target_": "subprocess.call"}]}
+    with pytest.raises(ConfigError, match=r"'subprocess.call' at 'callbacks.nested._args_\[0\]': no _target_ is"):
+        safe_instantiate(nested, ["pytorch_lightning"], "callbacks.nested")
     evil = ["+callbacks.evil._target_=subprocess.call", "+callbacks.evil.args=[touch,pwned]"]
     cfg = compose_cfg("experiment=demo", f"paths.output_dir={tmp_path}", *evil)
     with pytest.raises(ConfigError, match=r"'subprocess.call' at 'callbacks.evil'.*allowed_targets"):
         instantiate_group(cfg.callbacks, cfg.allowed_targets, "callbacks")
-    obj = safe_instantiate({"_target_": "torch.nn.Identity"}, ["torch"], "callbacks.ok")
-    assert obj.__class__.__name__ == "Identity"
+    with pytest.raises(ConfigError, match=r"'torch.nn.Identity' at 'callbacks.ok': .* is not a subclass of"):
+        safe_instantiate({"_target_": "torch.nn.Identity"}, ["torch"], "callbacks.ok")
+    obj = safe_instantiate(
+        {"_target_": "pytorch_lightning.callbacks.LearningRateMonitor"}, ["pytorch_lightning"], "callbacks.ok"
+    )
+    assert obj.__class__.__name__ == "LearningRateMonitor"
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -351,7 +355,8 @@ def test_pickled_code_in_a_checkpoint_is_refused_without_running_it(tmp_path: Pa
 def test_resume_from_a_corrupt_or_missing_checkpoint_names_the_file(tmp_path: Path) -> None:
     stage_dir = tmp_path / "checkpoints" / "adapt"
     stage_dir.mkdir(parents=True)
-    assert resolve_resume("last", stage_dir) is None  # nothing saved yet: train from the start
+    with pytest.raises(CheckpointError, match=r"ckpt_path=last: nothing to resume in .*adapt"):
+        resolve_resume("last", stage_dir)  # nothing saved: an error, not a fresh start
     (stage_dir / "last.ckpt").write_bytes(b"PK\x03\x04 cut short by a full disk")
     with pytest.raises(CheckpointError, match=r"adapt/last.ckpt is truncated or corrupt"):
         resolve_resume("last", stage_dir)

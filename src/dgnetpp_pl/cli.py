@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from dgnetpp_pl.config import CONF_DIR
+from dgnetpp_pl.startup import before_hydra
 
 
 def description(path: str) -> str:
@@ -57,10 +58,21 @@ def register_help_resolvers() -> None:
     OmegaConf.register_new_resolver("dgnetpp_groups", groups, replace=True)
 
 
-def run_app(config_name: str, task: Callable[[DictConfig], Any], schemas: Mapping[str, type] | None = None) -> Any:
+def run_app(
+    config_name: str,
+    task: Callable[[DictConfig], Any],
+    schemas: Mapping[str, type] | None = None,
+    lock_folder: bool = True,
+) -> Any:
     """Parse the command line and run ``task`` on the composed ``config_name`` (Hydra's overrides, --help, -m);
-    ``schemas`` (name -> dataclass) are stored where the primary config's defaults list names them."""
+    ``schemas`` (name -> dataclass) are stored where the primary config's defaults list names them.
+
+    Before Hydra starts, every ``_target_`` of the composed config is checked and the run (or sweep) folder is
+    locked for this run (:func:`dgnetpp_pl.startup.before_hydra`); ``lock_folder=False`` for a tool that writes no
+    run folder.
+    """
     register_help_resolvers()
     for name, node in (schemas or {}).items():
         ConfigStore.instance().store(name=name, node=node)
-    return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task)()
+    app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task)
+    return before_hydra(CONF_DIR, config_name, lock_folder)(app)()

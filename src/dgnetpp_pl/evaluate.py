@@ -7,7 +7,6 @@ target domain is read (or generated, for the built-in data); the checkpoint is c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from dgnetpp_pl.atomic_io import write_json
 from dgnetpp_pl.callbacks.image_grid import log_image
 from dgnetpp_pl.cli import run_app
 from dgnetpp_pl.config import EvaluateConfig, coerce
@@ -63,7 +63,7 @@ def evaluate(cfg: EvaluateConfig | DictConfig) -> dict[str, Any]:
             logger.log_metrics({f"eval/{k}": v for k, v in results["plain"].items()}, step=0)
             logger.finalize("success")
         print(f"rank list: {path}")
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+    write_json(out_dir / "metrics.json", results)
     print(f"metrics: {out_dir / 'metrics.json'}")
     return results
 

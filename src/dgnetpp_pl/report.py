@@ -1,13 +1,19 @@
-"""Human-facing summaries: the before/after table printed at the end of a run, and the sweep summary file."""
+"""Human-facing summaries: the before/after table printed at the end of a run, and the sweep summary file, which
+the jobs of a multirun rebuild together from their own row files."""
 
 from __future__ import annotations
 
 import csv
+import io
+import warnings
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from dgnetpp_pl.atomic_io import ResultFileError, atomic_write, read_json, write_json
+from dgnetpp_pl.runlock import RunLock
 
 
 def _pick(result: dict[str, Any], key: str) -> float | None:
@@ -38,8 +44,42 @@ def print_summary(results: dict[str, Any], labels: dict[str, str], console: Cons
             console.print(f"{label}: {last[key]}")
 
 
+SUMMARY_ROWS = ".summary_rows"  # one JSON file per job, in the sweep folder
+
+
+def add_sweep_row(sweep_dir: str | Path, job: int, row: dict[str, Any], wait_s: float = 120.0) -> Path:
+    """Record one job's row and rebuild ``<sweep_dir>/summary.csv`` from every job's row; returns the CSV path.
+
+    Each job writes only its own row file, and the CSV is rebuilt under a lock and replaced atomically, so jobs
+    that finish at the same time (parallel launchers, other hosts) lose no rows. Rows are sorted by job number.
+    """
+    sweep_dir = Path(sweep_dir)
+    write_json(sweep_dir / SUMMARY_ROWS / f"{int(job):06d}.json", {"job": int(job), **row})
+    path = sweep_dir / "summary.csv"
+    # Held for milliseconds; a holder gone from another host is presumed dead after a minute.
+    with RunLock(sweep_dir, name=".summary.lock", what="sweep summary").acquire(wait_s=wait_s, stale_after_s=60.0):
+        rows = []
+        for row_file in sorted((sweep_dir / SUMMARY_ROWS).glob("*.json")):
+            try:
+                rows.append(read_json(row_file, what="sweep summary row"))
+            except ResultFileError as err:
+                warnings.warn(f"{err} The summary skips it.", stacklevel=2)
+        rows.sort(key=lambda r: int(r["job"]))
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+
+        def write(fh: Any) -> None:
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows({k: str(v) for k, v in r.items()} for r in rows)
+            fh.write(text.getvalue().encode())
+
+        atomic_write(path, write)
+    return path
+
+
 def write_sweep_summary(cfg: Any, results: dict[str, Any]) -> Path | None:
-    """In a Hydra multirun, append this job's overrides and final metrics to ``<sweep dir>/summary.csv``."""
+    """In a Hydra multirun, add this job's overrides and final metrics to ``<sweep dir>/summary.csv``."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -50,21 +90,8 @@ def write_sweep_summary(cfg: Any, results: dict[str, Any]) -> Path | None:
         return None
     last = list(results.values())[-1] if results else {}
     row = {
-        "job": hc.job.num,
         "overrides": " ".join(hc.overrides.task),
         "output_dir": hc.runtime.output_dir,
         **{k: v for k, v in last.items() if isinstance(v, float)},
     }
-    path = Path(hc.sweep.dir) / "summary.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    if path.exists():
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    rows.append({k: str(v) for k, v in row.items()})
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return add_sweep_row(hc.sweep.dir, int(hc.job.num), row)

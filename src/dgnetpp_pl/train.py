@@ -13,7 +13,6 @@ Wiring of one stage (every object receives its typed config section; data flows 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,9 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from dgnetpp_pl.allocator import keep_freed_memory
+from dgnetpp_pl.atomic_io import write_json
 from dgnetpp_pl.callbacks.pseudo_label import PseudoLabelCallback
-from dgnetpp_pl.checkpoints import load_checkpoint, resolve_resume
+from dgnetpp_pl.checkpoints import AtomicCheckpointIO, load_checkpoint, read_result, resolve_resume
 from dgnetpp_pl.cli import run_app
 from dgnetpp_pl.config import ConfigError, RootConfig, plain, validate_config
 from dgnetpp_pl.data.datamodule import CrossDomainDataModule
@@ -75,6 +75,7 @@ def build_trainer(cfg: RootConfig, stage: str, callbacks: list, loggers: list, s
         # The epoch length follows the pseudo-labels with data.drop_target_outliers (see data/datamodule.py).
         reload_dataloaders_every_n_epochs=1,
         use_distributed_sampler=True,
+        plugins=[AtomicCheckpointIO()],  # atomic saves in the checkpoint's own folder, previous last.ckpt kept
     )
 
 
@@ -126,7 +127,7 @@ def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict
     resume = resolve_resume(cfg.ckpt_path, stage_dir) if cfg.ckpt_path else None
     if cfg.ckpt_path and done_file.exists():
         # This stage finished before the interruption: reuse it.
-        return json.loads(done_file.read_text())
+        return read_result(done_file)
 
     labels = PseudoLabelStore() if stage == "adapt" else None
     dm = build_datamodule(cfg, stage, labels)
@@ -178,7 +179,7 @@ def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict
     result["swap_grids"] = str(out_dir / "swap_grids")
     if trainer.is_global_zero:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        done_file.write_text(json.dumps(result, indent=2))
+        write_json(done_file, result)
     return result
 
 
@@ -210,7 +211,7 @@ def train(cfg: RootConfig | DictConfig) -> dict[str, Any]:
         results["adapt"] = run_stage(cfg, "adapt", init_ckpt=init)
     if rank_zero_only.rank == 0:
         out_dir = Path(cfg.paths.output_dir)
-        (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+        write_json(out_dir / "metrics.json", results)
         print_summary(results, STAGE_LABELS)
     return results
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from dgnetpp_pl.data.datasets import DatasetError, ReIDDataset, load_image, verify_images
 from dgnetpp_pl.data.domains import build_domain, prepare_domain
 from dgnetpp_pl.data.records import ImageRecord
+from dgnetpp_pl.data.resumable import ResumableDataLoader
 from dgnetpp_pl.data.sampling import PairSampler
 from dgnetpp_pl.data.splits import split_validation_ids
 from dgnetpp_pl.data.torch_datasets import PairedTrainDataset, ReIDImageDataset
@@ -31,13 +32,13 @@ if TYPE_CHECKING:
     from dgnetpp_pl.config import DataConfig
 
 
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int, **kwargs: Any) -> DataLoader:
-    """A DataLoader as every loader of the project is built (pinned memory on a GPU machine)."""
+def make_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, cls: type[DataLoader] = DataLoader, **kwargs: Any
+) -> DataLoader:
+    """A DataLoader (or ``cls``) as every loader of the project is built (pinned memory on a GPU machine)."""
     # No persistent workers: the train loader is rebuilt every epoch, and with persistent workers every old
     # loader would keep its processes alive until collected.
-    return DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available(), **kwargs
-    )
+    return cls(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available(), **kwargs)
 
 
 def eval_loader(query: list[ImageRecord], gallery: list[ImageRecord], config: DataConfig) -> DataLoader:
@@ -174,8 +175,14 @@ class CrossDomainDataModule(pl.LightningDataModule):
             seed=self.seed,
             drop_target_outliers=self.config.drop_target_outliers,
         )
+        # A ResumableDataLoader continues a mid-epoch checkpoint's epoch where it stopped.
         return make_loader(
-            self._train_set, sampler.batch_size, self.config.num_workers, sampler=sampler, drop_last=True
+            self._train_set,
+            sampler.batch_size,
+            self.config.num_workers,
+            cls=ResumableDataLoader,
+            sampler=sampler,
+            drop_last=True,
         )
 
     def val_dataloader(self) -> DataLoader:
