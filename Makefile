@@ -8,12 +8,12 @@ export PYTHONHASHSEED ?= 0
 
 .PHONY: install demo test test-full lint format bench clean
 
-$(BIN)/dgnetpp-train:
+$(BIN)/dgnetpp-export:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev,sweep]"
+	$(BIN)/pip install --quiet -e ".[dev,sweep,export]"
 
-install: $(BIN)/dgnetpp-train
+install: $(BIN)/dgnetpp-export
 
 demo: install
 	$(BIN)/python -m dgnetpp_pl experiment=demo
