@@ -50,8 +50,8 @@ def test_torch_load_as_a_callback_is_refused_and_its_payload_never_loads(tmp_pat
 
 
 def test_a_function_reached_through_an_allowed_module_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"'dgnetpp_pl.train.os.system' at 'callbacks.x': it is a builtin"):
-        safe_instantiate({"_target_": "dgnetpp_pl.train.os.system", "command": "true"}, ALLOWED, "callbacks.x")
+    with pytest.raises(ConfigError, match=r"'dgnetpp_pl.runlock.os.system' at 'callbacks.x': it is a builtin"):
+        safe_instantiate({"_target_": "dgnetpp_pl.runlock.os.system", "command": "true"}, ALLOWED, "callbacks.x")
     with pytest.raises(ConfigError, match=r"torch.nn.modules.linear.Identity is not a subclass of .*Callback"):
         safe_instantiate({"_target_": "torch.nn.Identity"}, ALLOWED, "callbacks.x")
     with pytest.raises(ConfigError, match=r"'pytorch_lightning.callbacks.ModelCheckpoint' at 'logger.x'.*Logger"):

@@ -4,7 +4,7 @@ Every ``_target_`` in a composed config must sit where something is instantiated
 name, a class of that position's kind: a ``pytorch_lightning.Callback`` under ``callbacks.<name>``, a Lightning
 ``Logger`` under ``logger.<name>``, a ``hydra.experimental.callback.Callback`` under ``hydra.callbacks.<name>``,
 Hydra's ``Launcher`` and ``Sweeper`` plugins and an optuna sampler at their keys. A function (``torch.load``,
-``dgnetpp_pl.train.os.system``), another class, or a ``_target_`` anywhere else (e.g. nested in a callback's
+``dgnetpp_pl.runlock.os.system``), another class, or a ``_target_`` anywhere else (e.g. nested in a callback's
 arguments) is refused. The name is imported (only from the packages in ``allowed_targets``, plus Hydra's for Hydra's
 own keys) and checked before anything is instantiated. The factories of Hydra's logging config (``class`` and
 ``()``) are held to the same rule: a logging handler, formatter or filter class.
