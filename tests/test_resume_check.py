@@ -100,6 +100,7 @@ def test_resume_override_needs_a_resume_and_accepts_the_keys_that_may_change() -
         ("data.width=18", r"'data.width': must be a multiple of 4"),
         ("train=false", r"train=false evaluates a checkpoint: give ckpt_path="),
         ("train=false test=false", None),
+        ("train=false ckpt_path=last resume_override=[logger]", r"train=false compares no config"),
     ],
 )
 def test_start_up_rejects_values_naming_the_key(override: str, message: str | None) -> None:
@@ -108,7 +109,7 @@ def test_start_up_rejects_values_naming_the_key(override: str, message: str | No
             typed_train(*TINY, "ckpt_path=last", *override.split())
         return
     with pytest.raises(ConfigError, match=message):
-        typed_train(*TINY, override)
+        typed_train(*TINY, *override.split())
 
 
 def test_a_checkpoint_for_other_shapes_is_a_table_not_a_size_mismatch() -> None:

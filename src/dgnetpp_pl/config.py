@@ -509,6 +509,8 @@ def _root_rules(c: RootConfig) -> None:
 
         check_override_keys(c.resume_override, plain(c))
     if not c.train:
+        if c.resume_override:
+            raise ConfigError("resume_override applies to a resumed training run; train=false compares no config.")
         if not c.test:
             raise ConfigError("train=false test=false has nothing to do: train=false evaluates a checkpoint (test).")
         if c.ckpt_path is None and (c.stage != "adapt" or c.init_ckpt is None):

@@ -240,7 +240,8 @@ def close_loggers(trainer: pl.Trainer) -> None:
 
 
 def train(cfg: RootConfig | DictConfig) -> dict[str, Any]:
-    """Run the configured stage(s); returns ``{"source": {...}, "adapt": {...}}``."""
+    """Run the configured stage(s); returns ``{"source": {...}, "adapt": {...}}``. With ``train=false``, evaluate
+    a checkpoint of ``cfg.stage`` instead (:func:`evaluate_stage`)."""
     cfg = validate_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     if not cfg.train:
