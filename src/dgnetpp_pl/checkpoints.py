@@ -134,16 +134,29 @@ def read_result(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(str(err)) from None
 
 
+# Where a checkpoint (and a stage's result.json) stores the run's resolved config, as plain values.
+RUN_CONFIG_KEY = "run_config"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint writer: :func:`~dgnetpp_pl.atomic_io.atomic_write` into the checkpoint's own folder
     (never via ``$TMPDIR``), keeping the previous ``last.ckpt`` as ``last.prev.ckpt``. A failed save removes its
-    partial file and raises :class:`CheckpointError` naming the file and the cause (e.g. a full disk)."""
+    partial file and raises :class:`CheckpointError` naming the file and the cause (e.g. a full disk).
+
+    ``run_config`` (the run's config as plain values) is stored in every checkpoint under :data:`RUN_CONFIG_KEY`,
+    so that a resume can compare it with its own (:mod:`dgnetpp_pl.resume_check`)."""
 
     keep_previous = ("last.ckpt",)
+
+    def __init__(self, run_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.run_config = run_config
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options.")
+        if self.run_config is not None:
+            checkpoint = {**checkpoint, RUN_CONFIG_KEY: self.run_config}
         path = Path(path)
         try:
             atomic_write(path, lambda fh: torch.save(checkpoint, fh), keep_previous=path.name in self.keep_previous)
@@ -247,6 +260,31 @@ def resolve_resume(ckpt_path: str | None, stage_dir: Path) -> str | None:
     problem = _try_load(path)
     if problem is not None:
         raise CheckpointError(f"ckpt_path={ckpt_path} cannot be resumed from: {problem}")
+    return str(path)
+
+
+def resolve_eval_checkpoint(ckpt_path: str, stage_dir: Path) -> str:
+    """The checkpoint that ``train=false`` evaluates: ``"last"`` is this stage's ``final.ckpt``, else its newest
+    ``last.ckpt`` / ``last.prev.ckpt`` that loads; any other value is a file (of any run) that must exist and load."""
+    stage_dir = Path(stage_dir)
+    if ckpt_path == "last":
+        candidates = (stage_dir / "final.ckpt", stage_dir / "last.ckpt", previous_path(stage_dir / "last.ckpt"))
+        for path in candidates:
+            if path.is_file() and _try_load(path) is None:
+                return str(path)
+        raise CheckpointError(
+            f"train=false ckpt_path=last: no checkpoint of {stage_dir} loads (final.ckpt, last.ckpt, "
+            "last.prev.ckpt). Give the run's folder (hydra.run.dir=<that run>) or a checkpoint file (ckpt_path=<file>)."
+        )
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"train=false ckpt_path={ckpt_path!r}: {path.resolve()} does not exist. Give a final.ckpt or last.ckpt "
+            "of the stage (outputs/.../checkpoints/<stage>/final.ckpt), or ckpt_path=last with hydra.run.dir=<run>."
+        )
+    problem = _try_load(path)
+    if problem is not None:
+        raise CheckpointError(f"train=false ckpt_path={ckpt_path} cannot be evaluated: {problem}")
     return str(path)
 
 

@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from dgnetpp_pl.config import CONF_DIR
-from dgnetpp_pl.startup import before_hydra
+from dgnetpp_pl.startup import Precheck, before_hydra
 
 
 def description(path: str) -> str:
@@ -63,16 +63,18 @@ def run_app(
     task: Callable[[DictConfig], Any],
     schemas: Mapping[str, type] | None = None,
     lock_folder: bool = True,
+    precheck: Precheck | None = None,
 ) -> Any:
     """Parse the command line and run ``task`` on the composed ``config_name`` (Hydra's overrides, --help, -m);
     ``schemas`` (name -> dataclass) are stored where the primary config's defaults list names them.
 
     Before Hydra starts, every ``_target_`` of the composed config is checked and the run (or sweep) folder is
     locked for this run (:func:`dgnetpp_pl.startup.before_hydra`); ``lock_folder=False`` for a tool that writes no
-    run folder.
+    run folder. ``precheck(cfg, run folder)`` then checks the composed config against the run folder (training:
+    the resume's config check) before Hydra writes there.
     """
     register_help_resolvers()
     for name, node in (schemas or {}).items():
         ConfigStore.instance().store(name=name, node=node)
     app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task)
-    return before_hydra(CONF_DIR, config_name, lock_folder)(app)()
+    return before_hydra(CONF_DIR, config_name, lock_folder, precheck)(app)()

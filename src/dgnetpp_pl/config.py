@@ -285,8 +285,14 @@ class RootConfig:
     seed: int = 0
     # Source-stage checkpoint that the adapt stage starts from; null trains the source stage first.
     init_ckpt: str | None = None
-    # Resume this run: a path, or "last" for the newest last.ckpt of this output directory.
+    # Resume this run: a path, or "last" for the newest last.ckpt of this output directory. With train=false: the
+    # checkpoint to evaluate (a final.ckpt or last.ckpt of the stage, any run), "last" this run's newest.
     ckpt_path: str | None = None
+    # Keys (or sections) that may differ from the checkpoint's config on resume, e.g. [model.optim.adapt.lr_app];
+    # only those of resume_check.MAY_CHANGE (rates, loss weights, epochs, logging, resources). The rest must match.
+    resume_override: list[str] = field(default_factory=list)
+    # false: evaluate a checkpoint on the target test split instead, training and saving nothing: ckpt_path= (a
+    # checkpoint of the stage), or with stage=adapt init_ckpt= (the source model the adapt stage would start from).
     train: bool = True
     test: bool = True
     # The metric a sweeper optimises; the entry point returns it.
@@ -327,6 +333,8 @@ class EvaluateConfig:
     k1: int = 20
     k2: int = 6
     lambda_: float = 0.3
+    # Evaluate at data.height x data.width even where it differs from the checkpoint's image size (with a warning).
+    force_image_size: bool = False
     # Write a rank-list picture of vis_queries queries with their vis_topk matches and log it.
     vis: bool = False
     vis_queries: int = 8
@@ -491,6 +499,25 @@ def _model_rules(m: ModelConfig, key: str, image_size: tuple[int, int] | None = 
 
 def _root_rules(c: RootConfig) -> None:
     _data_rules(c.data, "data")
+    if c.resume_override:
+        if c.ckpt_path is None:
+            raise ConfigError(
+                "resume_override applies when resuming: set ckpt_path=last (or a checkpoint of this run), or remove "
+                "resume_override."
+            )
+        from dgnetpp_pl.resume_check import check_override_keys  # the key policy lives with the comparison
+
+        check_override_keys(c.resume_override, plain(c))
+    if not c.train:
+        if c.resume_override:
+            raise ConfigError("resume_override applies to a resumed training run; train=false compares no config.")
+        if not c.test:
+            raise ConfigError("train=false test=false has nothing to do: train=false evaluates a checkpoint (test).")
+        if c.ckpt_path is None and (c.stage != "adapt" or c.init_ckpt is None):
+            raise ConfigError(
+                "train=false evaluates a checkpoint: give ckpt_path=<a final.ckpt or last.ckpt of the stage> "
+                "(ckpt_path=last: this run's newest), or stage=adapt init_ckpt=<a source-stage checkpoint>."
+            )
     _model_rules(c.model, "model", (c.data.height, c.data.width))
     if c.adapt.warmup_epochs > c.adapt.max_epochs:
         raise ConfigError(f"adapt.warmup_epochs={c.adapt.warmup_epochs} exceeds adapt.max_epochs={c.adapt.max_epochs}.")

@@ -3,10 +3,17 @@
 Prints R1/R5/R10/mAP/mINP with and (``rerank=true``) without k-reciprocal re-ranking, writes ``metrics.json`` in
 the output folder, and with ``vis=true`` writes a rank-list picture and logs it to the configured logger. Only the
 target domain is read (or generated, for the built-in data); the checkpoint is checked first.
+
+Images are resized to the checkpoint's image size (``hyper_parameters.image_size``). A ``data.height`` or
+``data.width`` given on the command line that differs from it is an error naming both sizes, unless
+``force_image_size=true``, which evaluates at the config's size with a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +26,7 @@ from rich.table import Table
 from dgnetpp_pl.atomic_io import write_json
 from dgnetpp_pl.callbacks.image_grid import log_image
 from dgnetpp_pl.cli import run_app
-from dgnetpp_pl.config import EvaluateConfig, coerce
+from dgnetpp_pl.config import ConfigError, EvaluateConfig, coerce
 from dgnetpp_pl.data.datamodule import eval_loader
 from dgnetpp_pl.data.domains import build_domain
 from dgnetpp_pl.evaluation import extract_features
@@ -28,16 +35,59 @@ from dgnetpp_pl.instantiate import instantiate_group
 from dgnetpp_pl.visualize import rank_list_image, save_rank_list
 
 
-def evaluate(cfg: EvaluateConfig | DictConfig) -> dict[str, Any]:
-    """Features, metrics (and re-ranked metrics), optional rank-list picture; returns the metrics dict."""
+def command_line_keys() -> set[str]:
+    """The keys that the command line's overrides set (``data.height=64`` -> ``data.height``); empty outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    return {text.split("=", 1)[0].lstrip("+~") for text in HydraConfig.get().overrides.task}
+
+
+def evaluation_image_size(cfg: EvaluateConfig, trained: Sequence[int], given: Collection[str]) -> tuple[int, int]:
+    """``(height, width)`` to evaluate at: the checkpoint's ``trained`` size, unless ``force_image_size`` (the
+    config's, with a warning). A ``data.height``/``data.width`` among the ``given`` keys that differs from it is a
+    :class:`ConfigError` naming both sizes."""
+    trained = (int(trained[0]), int(trained[1]))
+    asked = (cfg.data.height, cfg.data.width)
+    if asked == trained:
+        return trained
+    size = f"{asked[0]}x{asked[1]}"
+    own = f"the checkpoint {cfg.ckpt_path} was trained at {trained[0]}x{trained[1]} (height x width)"
+    if cfg.force_image_size:
+        warnings.warn(
+            f"force_image_size=true: evaluating at {size} (data.height x data.width), but {own}; the metrics are "
+            "not those of the model at its own size.",
+            stacklevel=2,
+        )
+        return asked
+    named = [key for key, a, t in zip(("data.height", "data.width"), asked, trained) if key in given and a != t]
+    if named:
+        raise ConfigError(
+            f"{' and '.join(named)} ask for {size} images, but {own}. Leave data.height / data.width unset to "
+            f"evaluate at the checkpoint's size, or add force_image_size=true to evaluate at {size} anyway."
+        )
+    print(f"Evaluating at the checkpoint's image size {trained[0]}x{trained[1]} (not the data config's {size}).")
+    return trained
+
+
+def evaluate(cfg: EvaluateConfig | DictConfig, given: Collection[str] | None = None) -> dict[str, Any]:
+    """Features, metrics (and re-ranked metrics), optional rank-list picture; returns the metrics dict.
+
+    ``given``: the keys the user set explicitly (default: the command line's overrides), for the image-size check.
+    """
     cfg = coerce(EvaluateConfig, cfg)
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt_path, device)
-    target = build_domain(cfg.data.target, cfg.data.synthetic, cfg.data.data_dir, "target")
-    loader = eval_loader(target.query, target.gallery, cfg.data)
+    given = command_line_keys() if given is None else given
+    height, width = evaluation_image_size(cfg, model.hparams.image_size, given)
+    data = dataclasses.replace(cfg.data, height=height, width=width)
+    target = build_domain(data.target, data.synthetic, data.data_dir, "target")
+    loader = eval_loader(target.query, target.gallery, data)
     evaluator = extract_features(model.e_app, loader, model.cfg.features, device=device)
     nq = len(target.query)
-    results: dict[str, Any] = {"ckpt_path": str(cfg.ckpt_path), "plain": evaluator.evaluate(nq)}
+    results: dict[str, Any] = {"ckpt_path": str(cfg.ckpt_path), "image_size": [height, width]}
+    results["plain"] = evaluator.evaluate(nq)
     dist = evaluator.last_distmat
     if cfg.rerank:
         results["rerank"] = evaluator.evaluate(nq, rerank=(cfg.k1, cfg.k2, cfg.lambda_))

@@ -4,7 +4,8 @@ Hydra instantiates ``hydra.callbacks`` (and, in a multirun, the sweeper and the 
 the run folder before the task function starts, so two checks must come first: :func:`before_hydra` composes the
 config exactly as Hydra is about to, refuses it if any ``_target_`` is not allowed
 (:func:`dgnetpp_pl.instantiate.check_targets`), and locks the run folder (the sweep folder in a multirun) for this
-run (:class:`dgnetpp_pl.runlock.RunLock`).
+run (:class:`dgnetpp_pl.runlock.RunLock`). An entry point's ``precheck`` (training: the resume's config check,
+:func:`dgnetpp_pl.resume_check.check_before_start`) runs last, so a refused resume leaves the run folder as it was.
 """
 
 from __future__ import annotations
@@ -82,10 +83,17 @@ def _hydra_config_set(cfg: DictConfig) -> Iterator[None]:
         instance.cfg = previous
 
 
+# A check of the composed config against what the run folder holds, before Hydra writes there: (config, run folder).
+Precheck = Callable[[DictConfig, Path], None]
+
+
 @contextmanager
-def checked_and_locked(cfg: DictConfig, run_mode: RunMode, lock_folder: bool = True) -> Iterator[RunLock | None]:
+def checked_and_locked(
+    cfg: DictConfig, run_mode: RunMode, lock_folder: bool = True, precheck: Precheck | None = None
+) -> Iterator[RunLock | None]:
     """Refuse a disallowed ``_target_`` anywhere in ``cfg``; hold the run (or sweep) folder's lock in the block
-    (unless ``lock_folder`` is false: a tool that writes no run folder)."""
+    (unless ``lock_folder`` is false: a tool that writes no run folder); then, in a single run, call
+    ``precheck(cfg, run folder)`` (e.g. the resume's config check), which refuses by raising ConfigError."""
     with _hydra_config_set(cfg):
         check_targets(cfg, OmegaConf.select(cfg, "allowed_targets", default=[]))
         key = "hydra.sweep.dir" if run_mode == RunMode.MULTIRUN else "hydra.run.dir"
@@ -96,6 +104,9 @@ def checked_and_locked(cfg: DictConfig, run_mode: RunMode, lock_folder: bool = T
         lock = RunLock(Path(folder).absolute(), what=what, heartbeat_s=HEARTBEAT_S)
         lock.acquire(stale_after_s=4 * HEARTBEAT_S)  # a run resumed on another node after its holder's node died
     try:
+        if precheck is not None and folder and run_mode == RunMode.RUN:
+            with _hydra_config_set(cfg):
+                precheck(cfg, Path(folder).absolute())
         yield lock
     finally:
         if lock is not None:
@@ -103,11 +114,11 @@ def checked_and_locked(cfg: DictConfig, run_mode: RunMode, lock_folder: bool = T
 
 
 def before_hydra(
-    config_dir: str | Path, config_name: str, lock_folder: bool = True
+    config_dir: str | Path, config_name: str, lock_folder: bool = True, precheck: Precheck | None = None
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a ``@hydra.main`` function: from the command line, check its ``_target_``s and lock its run folder
-    (unless ``lock_folder`` is false) before Hydra starts (see the module docstring); with arguments (a config
-    passed in) it is called unchanged."""
+    """Decorate a ``@hydra.main`` function: from the command line, check its ``_target_``s, lock its run folder
+    (unless ``lock_folder`` is false) and run ``precheck`` before Hydra starts (see the module docstring and
+    :func:`checked_and_locked`); with arguments (a config passed in) it is called unchanged."""
 
     def wrap(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(hydra_main)
@@ -120,7 +131,7 @@ def before_hydra(
                 return hydra_main()
             with ExitStack() as stack:
                 try:
-                    stack.enter_context(checked_and_locked(*composed, lock_folder=lock_folder))
+                    stack.enter_context(checked_and_locked(*composed, lock_folder=lock_folder, precheck=precheck))
                 except (ConfigError, RunFolderBusy) as err:  # reported as Hydra reports errors: message, status 1
                     print(f"Error: {err}", file=sys.stderr)
                     raise SystemExit(1) from None

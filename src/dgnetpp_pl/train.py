@@ -23,7 +23,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from dgnetpp_pl.allocator import keep_freed_memory
 from dgnetpp_pl.atomic_io import write_json
 from dgnetpp_pl.callbacks.pseudo_label import PseudoLabelCallback
-from dgnetpp_pl.checkpoints import AtomicCheckpointIO, load_checkpoint, read_result, resolve_resume
+from dgnetpp_pl.checkpoints import AtomicCheckpointIO, load_checkpoint, resolve_eval_checkpoint, resolve_resume
 from dgnetpp_pl.cli import run_app
 from dgnetpp_pl.config import ConfigError, RootConfig, plain, validate_config
 from dgnetpp_pl.data.datamodule import CrossDomainDataModule
@@ -31,6 +31,14 @@ from dgnetpp_pl.instantiate import instantiate_group
 from dgnetpp_pl.label_store import PseudoLabelStore
 from dgnetpp_pl.module import DGNetPP
 from dgnetpp_pl.report import print_summary, write_sweep_summary
+from dgnetpp_pl.resume_check import (
+    ApplyResumedRates,
+    check_before_start,
+    check_checkpoint,
+    check_model,
+    finished_result,
+    with_run_config,
+)
 from dgnetpp_pl.schedule import AdaptSchedule
 from dgnetpp_pl.signals import CheckpointOnSigterm
 
@@ -75,7 +83,8 @@ def build_trainer(cfg: RootConfig, stage: str, callbacks: list, loggers: list, s
         # The epoch length follows the pseudo-labels with data.drop_target_outliers (see data/datamodule.py).
         reload_dataloaders_every_n_epochs=1,
         use_distributed_sampler=True,
-        plugins=[AtomicCheckpointIO()],  # atomic saves in the checkpoint's own folder, previous last.ckpt kept
+        # Atomic saves in the checkpoint's own folder, previous last.ckpt kept; each holds the run's config.
+        plugins=[AtomicCheckpointIO(run_config=plain(cfg))],
     )
 
 
@@ -119,6 +128,18 @@ def build_callbacks(
     return [*callbacks, sigterm], sigterm
 
 
+def build_module(cfg: RootConfig, stage: str, num_source_ids: int) -> DGNetPP:
+    """The stage's LightningModule, sized for ``num_source_ids`` source identities and the target capacity."""
+    return DGNetPP(
+        cfg.model,
+        build_schedule(cfg, stage),
+        num_source_ids=num_source_ids,
+        target_capacity=target_capacity(cfg, stage),
+        skip_nonfinite_steps=cfg.skip_nonfinite_steps,
+        image_size=(cfg.data.height, cfg.data.width),
+    )
+
+
 def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict[str, Any]:
     """Fit (or resume) one stage and evaluate it on the target; returns its metrics and checkpoint path."""
     out_dir = Path(cfg.paths.output_dir)
@@ -126,8 +147,9 @@ def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict
     done_file = stage_dir / "result.json"
     resume = resolve_resume(cfg.ckpt_path, stage_dir) if cfg.ckpt_path else None
     if cfg.ckpt_path and done_file.exists():
-        # This stage finished before the interruption: reuse it.
-        return read_result(done_file)
+        # This stage finished before the interruption: reuse it, if the config agrees with the one it ran with.
+        return finished_result(done_file, cfg, stage)
+    resumed = check_checkpoint(resume, cfg, stage) if resume else None  # before anything is written
 
     labels = PseudoLabelStore() if stage == "adapt" else None
     dm = build_datamodule(cfg, stage, labels)
@@ -139,20 +161,17 @@ def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict
             f"pseudo_label.k={cfg.pseudo_label.k} is larger than the number of target train images ({n_target}); "
             f"set pseudo_label.k <= {n_target}."
         )
-    schedule = build_schedule(cfg, stage)
-    model = DGNetPP(
-        cfg.model,
-        schedule,
-        num_source_ids=dm.num_source_ids,
-        target_capacity=target_capacity(cfg, stage),
-        skip_nonfinite_steps=cfg.skip_nonfinite_steps,
-        image_size=(cfg.data.height, cfg.data.width),
-    )
+    model = build_module(cfg, stage, dm.num_source_ids)
+    schedule = model.schedule
+    if resumed is not None:  # the data on disk may differ from the checkpoint's (e.g. its number of identities)
+        check_model(resumed.hyper_parameters, model.hparams, resumed.path)
     if stage == "adapt" and resume is None:
         state = load_checkpoint(init_ckpt)["state_dict"]
         model.load_source_stage(state, keep_source_classifier=cfg.adapt.keep_source_classifier)
 
     callbacks, sigterm = build_callbacks(cfg, stage_dir, schedule, labels)
+    if resumed is not None:  # rates that resume_override let change, applied to the restored optimisers
+        callbacks.insert(0, ApplyResumedRates())
     loggers = instantiate_group(cfg.logger, cfg.allowed_targets, "logger")
     trainer = build_trainer(cfg, stage, callbacks, loggers, stage_dir)
     for logger in trainer.loggers:  # the config, with "stage" the stage this logger run records
@@ -161,11 +180,10 @@ def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict
     result: dict[str, Any] = {"stage": stage}
     final = stage_dir / "final.ckpt"
     with sigterm.installed():
-        if cfg.train:
-            trainer.fit(model, datamodule=dm, ckpt_path=resume, weights_only=True)
-            val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            # A run resumed after its last epoch validates nothing: report the restored metrics.
-            result.update(val or model.last_eval)
+        trainer.fit(model, datamodule=dm, ckpt_path=resume, weights_only=True)
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        # A run resumed after its last epoch validates nothing: report the restored metrics.
+        result.update(val or model.last_eval)
         if not sigterm.requested:
             trainer.save_checkpoint(final, weights_only=False)  # full state, so a stage can be continued
         if cfg.test and not sigterm.requested:
@@ -179,8 +197,36 @@ def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict
     result["swap_grids"] = str(out_dir / "swap_grids")
     if trainer.is_global_zero:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        write_json(done_file, result)
+        write_json(done_file, with_run_config(result, cfg))
     return result
+
+
+def evaluate_stage(cfg: RootConfig) -> dict[str, Any]:
+    """``train=false``: the target test metrics of a checkpoint of ``cfg.stage`` (``ckpt_path``; ``last``: this
+    run's newest), or with ``stage=adapt`` and no ``ckpt_path`` of the model the adapt stage starts from
+    (``init_ckpt``). Trains and saves nothing; writes ``eval_metrics.json``. Returns ``{stage: {...}}``."""
+    stage, out_dir = cfg.stage, Path(cfg.paths.output_dir)
+    ckpt_path = resolve_eval_checkpoint(cfg.ckpt_path, out_dir / "checkpoints" / stage) if cfg.ckpt_path else None
+    dm = build_datamodule(cfg, stage, PseudoLabelStore() if stage == "adapt" else None)
+    dm.prepare_data()
+    dm.setup("test")
+    model = build_module(cfg, stage, dm.num_source_ids)
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        check_model(ckpt.get("hyper_parameters", {}), model.hparams, ckpt_path)
+        model.load_state_dict(ckpt["state_dict"])
+    else:
+        state = load_checkpoint(cfg.init_ckpt)["state_dict"]
+        model.load_source_stage(state, keep_source_classifier=cfg.adapt.keep_source_classifier)
+    trainer = build_trainer(cfg, stage, [], [], out_dir / "checkpoints" / stage)
+    tested = trainer.test(model, datamodule=dm, verbose=False)
+    result: dict[str, Any] = {"stage": stage, **{k: float(v) for k, v in (tested[0] if tested else {}).items()}}
+    result["ckpt"] = str(ckpt_path if ckpt_path is not None else cfg.init_ckpt)
+    results = {stage: result}
+    if rank_zero_only.rank == 0:
+        write_json(out_dir / "eval_metrics.json", results)
+        print_summary(results, STAGE_LABELS)
+    return results
 
 
 def close_loggers(trainer: pl.Trainer) -> None:
@@ -194,9 +240,12 @@ def close_loggers(trainer: pl.Trainer) -> None:
 
 
 def train(cfg: RootConfig | DictConfig) -> dict[str, Any]:
-    """Run the configured stage(s); returns ``{"source": {...}, "adapt": {...}}``."""
+    """Run the configured stage(s); returns ``{"source": {...}, "adapt": {...}}``. With ``train=false``, evaluate
+    a checkpoint of ``cfg.stage`` instead (:func:`evaluate_stage`)."""
     cfg = validate_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
+    if not cfg.train:
+        return evaluate_stage(cfg)
     results: dict[str, Any] = {}
     init = cfg.init_ckpt
     if init is not None and not Path(init).is_file():
@@ -234,7 +283,7 @@ def train_task(cfg: DictConfig) -> float | None:
 
 def main() -> float | None:
     """``python -m dgnetpp_pl`` / ``dgnetpp-train``: Hydra overrides on the command line."""
-    return run_app("config", train_task)
+    return run_app("config", train_task, precheck=check_before_start)
 
 
 if __name__ == "__main__":
