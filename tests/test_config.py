@@ -19,7 +19,9 @@ from hydra import compose, initialize_config_dir
 from dgnetpp_pl.cli import description, run_app
 from dgnetpp_pl.config import (
     CONF_DIR,
+    ConvertConfig,
     EvaluateConfig,
+    ExportConfig,
     ExtractConfig,
     PathsConfig,
     RootConfig,
@@ -200,7 +202,7 @@ def test_every_schema_key_is_read_by_some_code() -> None:
         SyntheticConfig: {f.name for f in dataclasses.fields(SyntheticDomainSpec)} | {"seed"},
     }
     unread = set()
-    for root in (RootConfig, EvaluateConfig, ExtractConfig):
+    for root in (RootConfig, EvaluateConfig, ExtractConfig, ConvertConfig, ExportConfig):
         for cls, name, full in _schema_fields(root):
             if cls in consumers:
                 if name not in consumers[cls] or (name == "seed" and "seed" not in read):

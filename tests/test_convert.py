@@ -12,24 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize, initialize_config_dir
+from configs import typed_train
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dgnetpp_pl.checkpoints import CheckpointError, load_checkpoint
-from dgnetpp_pl.config import CONF_DIR, ConfigError, ModelConfig, validate_config
+from dgnetpp_pl.config import CONF_DIR, ConfigError, ConvertConfig, ModelConfig, plain
 from dgnetpp_pl.convert import (
-    ConvertConfig,
-    _build_model,
     convert,
     official_model_to_ours,
     official_states,
     official_teacher_to_ours,
     ours_to_official,
-    write_checkpoint,
 )
-from dgnetpp_pl.inference import load_model
+from dgnetpp_pl.inference import build_model, load_model, save_model_checkpoint
 from dgnetpp_pl.models.teacher import Teacher
-from dgnetpp_pl.module import DGNetPP
 from dgnetpp_pl.official_files import find_official_files
 from dgnetpp_pl.official_layout import OfficialLayoutError, export_state, teacher_layout
 from dgnetpp_pl.teacher_checkpoint import load_teacher
@@ -45,9 +42,7 @@ BOOKKEEPING = {"best_map", "lr_ramped", "nonfinite_steps"}
 
 @pytest.fixture(scope="module")
 def small() -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = validate_config(compose(config_name="config", overrides=["experiment=demo"]))
-    return OmegaConf.to_container(cfg.model, resolve=True)
+    return plain(typed_train("experiment=demo").model)
 
 
 def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -84,7 +79,7 @@ def shapes(state: dict[str, torch.Tensor]) -> dict[str, list[int]]:
 
 # ---------------------------------------------------------------- the official layout
 def test_paper_source_model_has_the_official_dgnet_names_and_shapes() -> None:
-    model = _build_model("source", PAPER, 751, 0, (256, 128))
+    model = build_model("source", PAPER, 751, 0, image_size=(256, 128))
     files = official_states(model)
     assert {role: entry for role, (_, entry) in files.items()} == {"gen": "a", "dis": "a", "id": "a"}
     assert shapes(files["gen"][0]) == OFFICIAL_KEYS["gen"]
@@ -94,7 +89,7 @@ def test_paper_source_model_has_the_official_dgnet_names_and_shapes() -> None:
 
 def test_paper_adapt_model_has_the_official_dgnetpp_names_and_shapes() -> None:
     # 700 source ids + 51 clusters in use: the joint classifier has the 751 rows of the listed ft_netABe.
-    model = _build_model("adapt", PAPER, 700, 60, (256, 128))
+    model = build_model("adapt", PAPER, 700, 60, image_size=(256, 128))
     model.num_target_classes.fill_(51)
     files = official_states(model)
     entries = {role: entry for role, (_, entry) in files.items()}
@@ -119,8 +114,8 @@ def test_teacher_file_has_the_baseline_names_and_opts(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- round trips
 def test_source_round_trip_gives_identical_tensors(tmp_path: Path, small: dict, caplog) -> None:
-    model = perturbed(_build_model("source", small, N_SRC, 0, SIZE))
-    ours = write_checkpoint(model, tmp_path / "source.ckpt")
+    model = perturbed(build_model("source", small, N_SRC, 0, image_size=SIZE))
+    ours = save_model_checkpoint(model, tmp_path / "source.ckpt")
     written = ours_to_official(ours, tmp_path / "official", iteration=1234)
     assert sorted(p.name for p in written) == ["dis_00001234.pt", "gen_00001234.pt", "id_00001234.pt"]
     with caplog.at_level(logging.INFO, logger="dgnetpp_pl.convert"):
@@ -136,10 +131,10 @@ def test_source_round_trip_gives_identical_tensors(tmp_path: Path, small: dict, 
 
 
 def test_adapt_round_trip_gives_identical_tensors_for_both_generators(tmp_path: Path, small: dict) -> None:
-    model = perturbed(_build_model("adapt", small, N_SRC, CAPACITY, SIZE))
+    model = perturbed(build_model("adapt", small, N_SRC, CAPACITY, image_size=SIZE))
     model.num_target_classes.fill_(CAPACITY)
     assert not torch.equal(model.gen_a.decoder.mlp_w[0][0].weight, model.gen_b.decoder.mlp_w[0][0].weight)
-    ours = write_checkpoint(model, tmp_path / "adapt.ckpt")
+    ours = save_model_checkpoint(model, tmp_path / "adapt.ckpt")
     written = ours_to_official(ours, tmp_path / "official")
     assert sorted(p.name for p in written) == [f"{r}_00000000.pt" for r in ("dis_a", "dis_b", "gen_a", "gen_b", "id")]
     back = official_model_to_ours(
@@ -149,13 +144,13 @@ def test_adapt_round_trip_gives_identical_tensors_for_both_generators(tmp_path: 
     # Only the domain discriminator, which the official code never saves, starts afresh.
     assert diff and all(k.startswith("d_dom.") for k in diff)
     hp = load_checkpoint(back)["hyper_parameters"]
-    assert (hp["stage"], hp["num_source_ids"], hp["target_capacity"]) == ("adapt", N_SRC, CAPACITY)
+    assert (hp["schedule"]["stage"], hp["num_source_ids"], hp["target_capacity"]) == ("adapt", N_SRC, CAPACITY)
 
 
 def test_unused_classifier_capacity_is_not_written(tmp_path: Path, small: dict) -> None:
-    model = perturbed(_build_model("adapt", small, N_SRC, CAPACITY, SIZE))
+    model = perturbed(build_model("adapt", small, N_SRC, CAPACITY, image_size=SIZE))
     model.num_target_classes.fill_(2)  # 2 clusters in use of a capacity of 4
-    ours_to_official(write_checkpoint(model, tmp_path / "adapt.ckpt"), tmp_path / "official", iteration=7)
+    ours_to_official(save_model_checkpoint(model, tmp_path / "adapt.ckpt"), tmp_path / "official", iteration=7)
     id_state = torch.load(tmp_path / "official" / "id_00000007.pt", weights_only=True)["a"]
     assert id_state["classifier1.classifier.0.weight"].shape[0] == N_SRC + 2
     back = load_model(
@@ -180,8 +175,8 @@ def test_teacher_round_trip_keeps_weights_and_stride(tmp_path: Path) -> None:
 
 
 def test_old_non_zip_files_convert_the_same(tmp_path: Path, small: dict) -> None:
-    model = perturbed(_build_model("source", small, N_SRC, 0, SIZE))
-    ours_to_official(write_checkpoint(model, tmp_path / "s.ckpt"), tmp_path / "official", iteration=3)
+    model = perturbed(build_model("source", small, N_SRC, 0, image_size=SIZE))
+    ours_to_official(save_model_checkpoint(model, tmp_path / "s.ckpt"), tmp_path / "official", iteration=3)
     for path in (tmp_path / "official").glob("*.pt"):  # as PyTorch < 1.6 wrote them
         torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
     back = official_model_to_ours(
@@ -191,8 +186,8 @@ def test_old_non_zip_files_convert_the_same(tmp_path: Path, small: dict) -> None
 
 
 def test_missing_batchnorm_counters_are_filled_with_zero(tmp_path: Path, small: dict, caplog) -> None:
-    model = perturbed(_build_model("source", small, N_SRC, 0, SIZE))
-    ours_to_official(write_checkpoint(model, tmp_path / "s.ckpt"), tmp_path / "official", iteration=3)
+    model = perturbed(build_model("source", small, N_SRC, 0, image_size=SIZE))
+    ours_to_official(save_model_checkpoint(model, tmp_path / "s.ckpt"), tmp_path / "official", iteration=3)
     path = tmp_path / "official" / "id_00000003.pt"
     state = torch.load(path, weights_only=True)["a"]
     torch.save({"a": {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}}, path)
@@ -209,8 +204,8 @@ def test_missing_batchnorm_counters_are_filled_with_zero(tmp_path: Path, small: 
 
 # ---------------------------------------------------------------- finding the files
 def test_newest_iteration_is_found_in_round_folders_and_an_asked_one_too(tmp_path: Path, small: dict) -> None:
-    model = perturbed(_build_model("adapt", small, N_SRC, CAPACITY, SIZE))
-    ckpt = write_checkpoint(model, tmp_path / "a.ckpt")
+    model = perturbed(build_model("adapt", small, N_SRC, CAPACITY, image_size=SIZE))
+    ckpt = save_model_checkpoint(model, tmp_path / "a.ckpt")
     run = tmp_path / "outputs" / "best-run"
     ours_to_official(ckpt, run / "0" / "checkpoints", iteration=100)
     ours_to_official(ckpt, run / "1" / "checkpoints", iteration=250)
@@ -223,9 +218,7 @@ def test_newest_iteration_is_found_in_round_folders_and_an_asked_one_too(tmp_pat
 # ---------------------------------------------------------------- starting DG-Net++ from a converted DG-Net model
 @pytest.mark.slow
 def test_converted_source_model_starts_the_adapt_stage(tmp_path: Path, tiny_source_ckpt: Path, tiny_overrides) -> None:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        base = validate_config(compose(config_name="config", overrides=tiny_overrides))
-    model_cfg = OmegaConf.to_container(base.model, resolve=True)
+    model_cfg = typed_train(*tiny_overrides).model
     ours_to_official(tiny_source_ckpt, tmp_path / "dgnet" / "checkpoints", iteration=1)
     converted = official_model_to_ours(
         find_official_files(tmp_path / "dgnet"), tmp_path / "dgnet.ckpt", "auto", None, model_cfg, SIZE
@@ -235,9 +228,7 @@ def test_converted_source_model_starts_the_adapt_stage(tmp_path: Path, tiny_sour
     assert differing({k: v for k, v in source.items() if k.split(".")[-1] not in BOOKKEEPING},
                      {k: v for k, v in state.items() if k.split(".")[-1] not in BOOKKEEPING}) == set()  # fmt: skip
     # The adapt stage's starting point: both generators are the converted source generator.
-    adapt = DGNetPP(
-        model_cfg, stage="adapt", num_source_ids=int(state["e_app.head1.classifier.weight"].shape[0]), target_capacity=8
-    )
+    adapt = build_model("adapt", model_cfg, int(state["e_app.head1.classifier.weight"].shape[0]), target_capacity=8)
     adapt.load_source_stage(state)
     for key, value in state.items():
         if key.startswith("gen_a."):
@@ -256,7 +247,7 @@ def test_converted_source_model_starts_the_adapt_stage(tmp_path: Path, tiny_sour
 
 # ---------------------------------------------------------------- the CLI
 def test_cli_schema_rejects_unknown_keys_and_reads_model_overrides() -> None:
-    with initialize(version_base="1.3", config_path=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             config_name="convert", overrides=["src=a", "out=b", "model.structure.dim=8", "num_source_ids=702"]
         )
@@ -268,7 +259,7 @@ def test_cli_schema_rejects_unknown_keys_and_reads_model_overrides() -> None:
 def test_cli_checks_choices_and_required_keys() -> None:
     with pytest.raises(ConfigError, match="src= is required"):
         convert(cli_cfg(out="x"))
-    with pytest.raises(ConfigError, match=r"'to'; expected one of \['ours', 'official'\]"):
+    with pytest.raises(ConfigError, match=r"'to': expected one of \['ours', 'official'\]"):
         convert(cli_cfg(src="a", out="b", to="theirs"))
     with pytest.raises(ConfigError, match="'kind'"):
         convert(cli_cfg(src="a", out="b", kind="pcb"))
@@ -300,8 +291,8 @@ def test_cli_converts_a_teacher_folder(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- refused inputs
 @pytest.fixture
 def official_source(tmp_path: Path, small: dict) -> Path:
-    model = perturbed(_build_model("source", small, N_SRC, 0, SIZE))
-    ours_to_official(write_checkpoint(model, tmp_path / "s.ckpt"), tmp_path / "official", iteration=1)
+    model = perturbed(build_model("source", small, N_SRC, 0, image_size=SIZE))
+    ours_to_official(save_model_checkpoint(model, tmp_path / "s.ckpt"), tmp_path / "official", iteration=1)
     return tmp_path / "official"
 
 
@@ -415,8 +406,8 @@ def test_an_unknown_entry_is_listed(official_source: Path, small: dict) -> None:
 
 
 def test_dgnetpp_needs_num_source_ids_and_kinds_must_match(tmp_path: Path, small: dict, official_source: Path) -> None:
-    model = _build_model("adapt", small, N_SRC, CAPACITY, SIZE)
-    ours_to_official(write_checkpoint(model, tmp_path / "a.ckpt"), tmp_path / "pp", iteration=1)
+    model = build_model("adapt", small, N_SRC, CAPACITY, image_size=SIZE)
+    ours_to_official(save_model_checkpoint(model, tmp_path / "a.ckpt"), tmp_path / "pp", iteration=1)
     with pytest.raises(ConfigError, match=r"num_source_ids is required for a DG-Net\+\+ model .* scores 6 classes"):
         official_model_to_ours(find_official_files(tmp_path / "pp"), tmp_path / "x.ckpt", "auto", None, small, SIZE)
     with pytest.raises(CheckpointError, match=r"holds a DG-Net model \(one generator\), not kind=dgnetpp"):

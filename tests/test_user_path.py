@@ -1,5 +1,6 @@
 """What a user touches: W&B offline tracking, Hydra multirun sweeps with a summary file, the evaluate and
-extract CLIs on the shared tiny run's checkpoint, and every CLI's --help."""
+extract CLIs on the shared tiny run's checkpoint, and every CLI's --help (train, evaluate, extract, convert,
+export)."""
 
 from __future__ import annotations
 
@@ -164,7 +165,8 @@ def test_every_cli_has_help_and_a_bare_argument_is_an_error(tmp_path):
     from dgnetpp_pl.cli import description
     from dgnetpp_pl.config import CONF_DIR
 
-    helps = {name: run(name, "--help") for name in ("dgnetpp_pl", "dgnetpp_pl.evaluate", "dgnetpp_pl.extract")}
+    names = ("dgnetpp_pl", "dgnetpp_pl.evaluate", "dgnetpp_pl.extract", "dgnetpp_pl.convert", "dgnetpp_pl.export")
+    helps = {name: run(name, "--help") for name in names}
     assert all(p.returncode == 0 for p in helps.values()), {k: p.stderr[-2000:] for k, p in helps.items()}
     train_help = helps["dgnetpp_pl"].stdout
     for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):  # each preset with its one-line description
@@ -176,5 +178,11 @@ def test_every_cli_has_help_and_a_bare_argument_is_an_error(tmp_path):
     assert "data: " in groups and "logger: " in groups
     assert "debug" not in groups and "experiment" not in groups  # evaluate does not take them
     assert "ckpt_path: ???" in helps["dgnetpp_pl.extract"].stdout
+    convert_help = helps["dgnetpp_pl.convert"].stdout
+    assert "src: ???" in convert_help and "to: ours" in convert_help and "kind: auto" in convert_help
+    assert "model: dgnetpp, dgnetpp_lowmem, dgnetpp_small" in convert_help  # the network presets to describe files
+    export_help = helps["dgnetpp_pl.export"].stdout
+    assert "ckpt_path: ???" in export_help and "out: encoder.onnx" in export_help
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # --help writes no run folder
     bare = run("dgnetpp_pl.extract", "ckpt_path")
     assert bare.returncode != 0 and "Error parsing override 'ckpt_path'" in bare.stderr, bare.stderr[-2000:]

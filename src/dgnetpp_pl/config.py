@@ -362,8 +362,51 @@ class ExtractConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+CONVERT_DIRECTIONS = ("ours", "official")
+CONVERT_KINDS = ("auto", "dgnet", "dgnetpp", "teacher")
+
+
+@dataclass
+class ConvertConfig:
+    """``python -m dgnetpp_pl.convert``: official DG-Net / DG-Net++ / teacher files to our checkpoints and back."""
+
+    # to=ours: an official checkpoints folder (or one above it) or a net_last.pth; to=official: our checkpoint.
+    src: str = MISSING
+    # to=ours: the checkpoint file to write; to=official: the folder for the official files.
+    out: str = MISSING
+    to: str = "ours"
+    # to=ours: auto tells DG-Net (gen_*.pt), DG-Net++ (gen_a_*.pt, gen_b_*.pt) and teacher (*.pth) files apart.
+    kind: str = "auto"
+    # The 8-digit number in the official file names: which one to read (default: the newest), or to write
+    # (default: the checkpoint's global step).
+    iteration: int | None = None
+    # Source identities: required for DG-Net++ (the joint classifier holds them first, then the target
+    # clusters); checked against the file for DG-Net and teacher models.
+    num_source_ids: int | None = None
+    # Teacher last stride; default: `stride` of the opts.yaml beside net_last.pth, else 2.
+    teacher_last_stride: int | None = None
+    # to=ours: the image size [H, W] the official networks were trained at, stored with the checkpoint.
+    image_size: list[int] = field(default_factory=lambda: [256, 128])
+    # to=ours: the network config stored with the checkpoint (the official networks are the paper's, the default).
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass
+class ExportConfig:
+    """``python -m dgnetpp_pl.export``: a checkpoint's appearance encoder as an ONNX feature extractor."""
+
+    ckpt_path: str = MISSING
+    out: str = "encoder.onnx"
+    # Flip averaging inside the graph; null: the checkpoint's model.features.flip.
+    flip: bool | None = None
+    # ONNX opset; null: the exporter's default.
+    opset: int | None = None
+    # Run the exported graph with onnxruntime on a random batch and compare it with PyTorch.
+    check: bool = True
+
+
 SCHEMAS: dict[str, type] = {"train_schema": RootConfig, "evaluate_schema": EvaluateConfig}
-SCHEMAS["extract_schema"] = ExtractConfig
+SCHEMAS.update(extract_schema=ExtractConfig, convert_schema=ConvertConfig, export_schema=ExportConfig)
 
 
 def register_schemas() -> None:
@@ -464,6 +507,13 @@ _RULES: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
     (EvaluateConfig, "vis_queries"): (_at_least(1), "must be >= 1"),
     (EvaluateConfig, "vis_topk"): (_at_least(1), "must be >= 1"),
     (ExtractConfig, "batch_size"): (_at_least(1), "must be >= 1"),
+    (ConvertConfig, "to"): _one_of(CONVERT_DIRECTIONS),
+    (ConvertConfig, "kind"): _one_of(CONVERT_KINDS),
+    (ConvertConfig, "iteration"): (_at_least(0), "must be >= 0"),
+    (ConvertConfig, "num_source_ids"): (_at_least(1), "must be >= 1"),
+    (ConvertConfig, "teacher_last_stride"): (lambda v: v in (1, 2), "must be 1 or 2"),
+    (ConvertConfig, "image_size"): (lambda v: len(v) == 2 and all(s >= 1 for s in v), "must be [H, W]"),
+    (ExportConfig, "opset"): (_at_least(1), "must be >= 1"),
 }
 
 
@@ -532,6 +582,8 @@ def _root_rules(c: RootConfig) -> None:
 _CROSS: dict[type, Callable[[Any, str], None]] = {
     RootConfig: lambda c, key: _root_rules(c),
     EvaluateConfig: lambda c, key: _data_rules(c.data, "data"),
+    # The stored network must fit the stored image size (only to=ours builds one).
+    ConvertConfig: lambda c, key: _model_rules(c.model, "model", tuple(c.image_size)) if c.to == "ours" else None,
     DataConfig: _data_rules,
     ModelConfig: _model_rules,
 }
@@ -579,6 +631,20 @@ def coerce(schema: type[T], data: Mapping[str, Any] | T | DictConfig, where: str
     if cross is not None:
         cross(typed, where)
     return typed
+
+
+def require(cfg: Any, keys: tuple[str, ...], usage: str) -> None:
+    """Raise :class:`ConfigError` naming the first of ``keys`` that ``cfg`` (typed, composed or a dict) leaves unset
+    (``???`` or absent), with the command's ``usage``."""
+    for key in keys:
+        if isinstance(cfg, DictConfig):
+            unset = key not in cfg or OmegaConf.is_missing(cfg, key)
+        elif isinstance(cfg, Mapping):
+            unset = cfg.get(key, MISSING) == MISSING
+        else:
+            unset = getattr(cfg, key, MISSING) == MISSING
+        if unset:
+            raise ConfigError(f"{key}= is required: {usage}.")
 
 
 def validate_config(cfg: DictConfig | Mapping[str, Any] | RootConfig) -> RootConfig:

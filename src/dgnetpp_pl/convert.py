@@ -15,21 +15,20 @@ networks) and ``image_size`` describe them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
-import pytorch_lightning as pl
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from dgnetpp_pl.checkpoints import CheckpointError, load_checkpoint
-from dgnetpp_pl.config import ConfigError, ModelConfig
-from dgnetpp_pl.inference import load_model
+from dgnetpp_pl.cli import run_app
+from dgnetpp_pl.config import ConfigError, ConvertConfig, ModelConfig, coerce, require
+from dgnetpp_pl.inference import build_model, load_model, save_model_checkpoint
 from dgnetpp_pl.models.teacher import Teacher
 from dgnetpp_pl.module import DGNetPP
 from dgnetpp_pl.official_files import (
@@ -56,78 +55,14 @@ from dgnetpp_pl.teacher_checkpoint import load_teacher, save_teacher, teacher_hp
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "dgnet", "dgnetpp", "teacher")
-DIRECTIONS = ("ours", "official")
 HEADS = ("classifier1", "classifier2")
 TEACHER_CLASSES = "classifier.classifier.0.weight"
 TEACHER_BOTTLENECK = "classifier.add_block.0.weight"
 
 
-@dataclass
-class ConvertConfig:
-    """``python -m dgnetpp_pl.convert``: every option; unknown keys are rejected."""
-
-    defaults: list[Any] = field(
-        default_factory=lambda: [
-            "_self_",
-            {"override hydra/job_logging": "stdout"},
-            {"override hydra/hydra_logging": "disabled"},
-        ]
-    )
-    # No run folder: the command writes only `out`.
-    hydra: Any = field(default_factory=lambda: {"run": {"dir": "."}, "output_subdir": None})
-    # to=ours: an official checkpoints folder (or one above it) or a net_last.pth; to=official: our checkpoint.
-    src: str = MISSING
-    # to=ours: the checkpoint file to write; to=official: the folder for the official files.
-    out: str = MISSING
-    to: str = "ours"
-    # to=ours: auto tells DG-Net (gen_*.pt), DG-Net++ (gen_a_*.pt, gen_b_*.pt) and teacher (*.pth) files apart.
-    kind: str = "auto"
-    # The 8-digit number in the official file names: which one to read (default: the newest), or to write
-    # (default: the checkpoint's global step).
-    iteration: int | None = None
-    # Source identities: required for DG-Net++ (the joint classifier holds them first, then the target
-    # clusters); checked against the file for DG-Net and teacher models.
-    num_source_ids: int | None = None
-    # Teacher last stride; default: `stride` of the opts.yaml beside net_last.pth, else 2.
-    teacher_last_stride: int | None = None
-    # to=ours: the image size (H, W) the official networks were trained at, stored with the checkpoint.
-    image_size: list[int] = field(default_factory=lambda: [256, 128])
-    # to=ours: the network config stored with the checkpoint (the official networks are the default's size).
-    model: ModelConfig = field(default_factory=ModelConfig)
-
-
-ConfigStore.instance().store(name="convert", node=ConvertConfig)
-
-
-# ------------------------------------------------------------------ building and writing our checkpoints
-def _build_model(
-    stage: str, model_cfg: dict[str, Any], num_source_ids: int, target_capacity: int, image_size: tuple[int, int]
-) -> DGNetPP:
-    """A freshly initialised DGNetPP of `stage` for converted weights (no ImageNet download)."""
-    return DGNetPP(
-        model={**model_cfg, "pretrained": False},
-        stage=stage,
-        num_source_ids=num_source_ids,
-        target_capacity=target_capacity,
-        image_size=tuple(image_size),
-    )
-
-
-def write_checkpoint(model: DGNetPP, path: str | Path, origin: str = "") -> Path:
-    """Write `model` as a checkpoint that `inference.load_model`, `init_ckpt=` and `evaluate` read."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "hyper_parameters": dict(model.hparams),
-        "dgnetpp": {"stage": model.stage, "phase": model.phase, "format": 1, "converted_from": origin},
-        "epoch": 0,
-        "global_step": 0,
-        "pytorch-lightning_version": pl.__version__,
-    }
-    torch.save(ckpt, path)
-    return path
+def _network_config(model: ModelConfig | Mapping[str, Any]) -> ModelConfig:
+    """The typed network config of converted weights, without ImageNet weights (the files hold the weights)."""
+    return dataclasses.replace(coerce(ModelConfig, model, "model"), pretrained=False)
 
 
 # ------------------------------------------------------------------ official -> ours
@@ -161,10 +96,15 @@ def official_model_to_ours(
     out: str | Path,
     kind: str,
     num_source_ids: int | None,
-    model_cfg: dict[str, Any],
+    model: ModelConfig | Mapping[str, Any],
     image_size: tuple[int, int],
 ) -> Path:
-    """Convert one saved iteration of DG-Net (`kind="dgnet"`) or DG-Net++ (`"dgnetpp"`) to our checkpoint."""
+    """Convert one saved iteration of DG-Net (`kind="dgnet"`) or DG-Net++ (`"dgnetpp"`) to our checkpoint.
+
+    `model` (typed or a plain dict) describes the official networks; `image_size` is `(height, width)`.
+    """
+    network = _network_config(model)
+    image_size = (int(image_size[0]), int(image_size[1]))
     id_path = files.path("id")
     id_state = read_state(id_path, "a")
     if files.kind == "dgnetpp":
@@ -188,7 +128,7 @@ def official_model_to_ours(
 
     total = _class_count(id_state, HEADS, id_path)
     if total is None:  # not an official appearance encoder: the import lists every entry that differs
-        probe = _build_model("source", model_cfg, 1, 0, image_size).e_app
+        probe = build_model("source", network, 1, image_size=image_size).e_app
         import_state(id_state, probe, appearance_layout(probe), str(id_path))
         raise AssertionError("unreachable: the classifier entries are part of the official layout")
     if kind == "dgnet":
@@ -211,19 +151,19 @@ def official_model_to_ours(
             )
         stage, n_src, capacity = "adapt", num_source_ids, total - num_source_ids
 
-    model = _build_model(stage, model_cfg, n_src, capacity, image_size)
-    parts = [("e_app", model.e_app, appearance_layout, id_state, id_path)]
-    parts.append(("gen_a", model.gen_a, generator_layout, gen_a, gen_a_path))
-    if model.gen_b is not None:
-        parts.append(("gen_b", model.gen_b, generator_layout, gen_b, gen_b_path))
-    parts.append(("d_img", model.d_img, image_dis_layout, dis_state, dis_path))
+    converted = build_model(stage, network, n_src, capacity, image_size=image_size)
+    parts = [("e_app", converted.e_app, appearance_layout, id_state, id_path)]
+    parts.append(("gen_a", converted.gen_a, generator_layout, gen_a, gen_a_path))
+    if converted.gen_b is not None:
+        parts.append(("gen_b", converted.gen_b, generator_layout, gen_b, gen_b_path))
+    parts.append(("d_img", converted.d_img, image_dis_layout, dis_state, dis_path))
     imports = {}
     for name, module, layout, state, path in parts:
         imports[f"{path.name} ({name})"] = imp = import_state(state, module, layout(module), str(path))
         _load_into(module, imp)
     if stage == "adapt":
         # Every official class is in use: ID_class_b is the number of clusters of the last round.
-        model.num_target_classes.fill_(capacity)
+        converted.num_target_classes.fill_(capacity)
     dropped = (
         "The domain discriminator is not in the official files (the official code re-creates it every round): "
         "it starts from a fresh initialisation."
@@ -231,7 +171,7 @@ def official_model_to_ours(
         else ""
     )
     _report(imports, dropped)
-    written = write_checkpoint(model, out, origin=f"{files.folder} iteration {files.iteration}")
+    written = save_model_checkpoint(converted, out, origin=f"{files.folder} iteration {files.iteration}")
     ids = f"{n_src} source ids" + (f" + {capacity} target classes" if stage == "adapt" else "")
     log.info(f"Wrote {written}: stage={stage}, {ids}, from {files.folder} (iteration {files.iteration}).")
     return written
@@ -332,17 +272,10 @@ def _teacher_to_official(teacher: Teacher, out: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------ CLI
-def convert(cfg: DictConfig | ConvertConfig) -> list[Path]:
-    """Run one conversion from a :class:`ConvertConfig`; returns the files written."""
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.structured(cfg)
-    for key in ("src", "out"):
-        if OmegaConf.is_missing(cfg, key):
-            raise ConfigError(f"{key}= is required: python -m dgnetpp_pl.convert src=PATH out=PATH [to=official].")
-    if cfg.to not in DIRECTIONS:
-        raise ConfigError(f"Invalid value {cfg.to!r} for key 'to'; expected one of {list(DIRECTIONS)}.")
-    if cfg.kind not in KINDS:
-        raise ConfigError(f"Invalid value {cfg.kind!r} for key 'kind'; expected one of {list(KINDS)}.")
+def convert(cfg: ConvertConfig | DictConfig) -> list[Path]:
+    """Run one conversion from a :class:`ConvertConfig` (or the CLI's composed config); returns the files written."""
+    require(cfg, ("src", "out"), "python -m dgnetpp_pl.convert src=PATH out=PATH [to=official]")
+    cfg = coerce(ConvertConfig, cfg)
     if cfg.to == "official":
         return ours_to_official(cfg.src, cfg.out, cfg.iteration)
     src = Path(cfg.src)
@@ -358,17 +291,18 @@ def convert(cfg: DictConfig | ConvertConfig) -> list[Path]:
             f"src={src} is a file; give the official checkpoints folder (gen_*.pt, dis_*.pt, id_*.pt), or "
             "kind=teacher for a teacher's net_last.pth."
         )
-    if len(cfg.image_size) != 2:
-        raise ConfigError(f"image_size must be [H, W], got {list(cfg.image_size)}.")
     files = find_official_files(src, cfg.iteration)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    image_size = (int(cfg.image_size[0]), int(cfg.image_size[1]))
-    return [official_model_to_ours(files, cfg.out, kind, cfg.num_source_ids, model_cfg, image_size)]
+    image_size = (cfg.image_size[0], cfg.image_size[1])
+    return [official_model_to_ours(files, cfg.out, kind, cfg.num_source_ids, cfg.model, image_size)]
 
 
-@hydra.main(version_base="1.3", config_path=None, config_name="convert")
-def main(cfg: DictConfig) -> None:
+def convert_task(cfg: DictConfig) -> None:
     convert(cfg)
+
+
+def main() -> None:
+    """``python -m dgnetpp_pl.convert`` / ``dgnetpp-convert``."""
+    run_app("convert", convert_task, lock_folder=False)
 
 
 if __name__ == "__main__":

@@ -12,49 +12,20 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import hydra
 import torch
 import torch.nn.functional as F
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from dgnetpp_pl.config import ConfigError
+from dgnetpp_pl.cli import run_app
+from dgnetpp_pl.config import ExportConfig, coerce, require
 from dgnetpp_pl.features import embed_images
 from dgnetpp_pl.inference import load_model
 from dgnetpp_pl.models.appearance import AppearanceEncoder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExportConfig:
-    """``python -m dgnetpp_pl.export``: every option; unknown keys are rejected."""
-
-    defaults: list[Any] = field(
-        default_factory=lambda: [
-            "_self_",
-            {"override hydra/job_logging": "stdout"},
-            {"override hydra/hydra_logging": "disabled"},
-        ]
-    )
-    # No run folder: the command writes only `out`.
-    hydra: Any = field(default_factory=lambda: {"run": {"dir": "."}, "output_subdir": None})
-    ckpt_path: str = MISSING
-    out: str = "encoder.onnx"
-    # Flip averaging inside the graph; null: the checkpoint's model.features.flip.
-    flip: bool | None = None
-    # ONNX opset; null: the exporter's default.
-    opset: int | None = None
-    # Run the exported graph with onnxruntime on a random batch and compare it with PyTorch.
-    check: bool = True
-
-
-ConfigStore.instance().store(name="export", node=ExportConfig)
 
 
 class FeatureGraph(nn.Module):
@@ -94,9 +65,9 @@ def export_onnx(
     Returns the path and the PyTorch graph it was exported from (eval mode, CPU).
     """
     model = load_model(ckpt_path, "cpu")
-    f = model.cfg["features"]
-    use_flip = bool(f["flip"] if flip is None else flip)
-    graph = FeatureGraph(model.e_app, float(f["alpha"]), use_flip, tuple(model.hparams.image_size)).eval()
+    features = model.cfg.features
+    use_flip = bool(features.flip if flip is None else flip)
+    graph = FeatureGraph(model.e_app, float(features.alpha), use_flip, tuple(model.hparams.image_size)).eval()
     height, width = graph.image_size
     example = torch.randn(2, 3, height, width)
     out = Path(out)
@@ -141,12 +112,10 @@ def check_parity(path: str | Path, graph: FeatureGraph, batch_sizes: tuple[int, 
     return worst
 
 
-def export(cfg: DictConfig | ExportConfig) -> Path:
-    """Run one export from an :class:`ExportConfig`; returns the .onnx path."""
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.structured(cfg)
-    if OmegaConf.is_missing(cfg, "ckpt_path"):
-        raise ConfigError("ckpt_path= is required: python -m dgnetpp_pl.export ckpt_path=FILE out=encoder.onnx.")
+def export(cfg: ExportConfig | DictConfig) -> Path:
+    """Run one export from an :class:`ExportConfig` (or the CLI's composed config); returns the .onnx path."""
+    require(cfg, ("ckpt_path",), "python -m dgnetpp_pl.export ckpt_path=FILE out=encoder.onnx")
+    cfg = coerce(ExportConfig, cfg)
     for name in ("onnx_ir", "onnxscript"):  # their INFO lines list every graph pass
         logging.getLogger(name).setLevel(logging.WARNING)
     start = time.perf_counter()
@@ -157,9 +126,13 @@ def export(cfg: DictConfig | ExportConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=None, config_name="export")
-def main(cfg: DictConfig) -> None:
+def export_task(cfg: DictConfig) -> None:
     export(cfg)
+
+
+def main() -> None:
+    """``python -m dgnetpp_pl.export`` / ``dgnetpp-export``."""
+    run_app("export", export_task, lock_folder=False)
 
 
 if __name__ == "__main__":

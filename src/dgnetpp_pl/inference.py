@@ -8,6 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from dgnetpp_pl.atomic_io import atomic_write
 from dgnetpp_pl.checkpoints import CheckpointError, load_checkpoint
 from dgnetpp_pl.config import ConfigError, ModelConfig
 from dgnetpp_pl.module import DGNetPP
@@ -33,21 +34,24 @@ def build_model(
     return DGNetPP(model, schedule, num_source_ids, target_capacity, image_size=image_size)
 
 
-def save_model_checkpoint(model: DGNetPP, path: str | Path) -> Path:
+def save_model_checkpoint(model: DGNetPP, path: str | Path, origin: str = "") -> Path:
     """Write ``model``'s weights and hyper-parameters as a checkpoint that :func:`load_model`, ``init_ckpt=`` and
-    the ``evaluate`` CLI accept (tensors and plain values only: it loads with ``weights_only=True``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    the ``evaluate`` CLI accept (tensors and plain values only: it loads with ``weights_only=True``), atomically.
+
+    ``origin`` (e.g. the official files converted) is recorded as ``dgnetpp.converted_from``.
+    """
+    state = {"stage": model.stage, "phase": model.phase, "app_lr_scale": model.app_lr_scale}
+    if origin:
+        state["converted_from"] = origin
     checkpoint = {
-        "state_dict": model.state_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "hyper_parameters": dict(model.hparams),
-        "dgnetpp": {"stage": model.stage, "phase": model.phase, "app_lr_scale": model.app_lr_scale},
+        "dgnetpp": state,
         "epoch": 0,
         "global_step": 0,
         "pytorch-lightning_version": pl.__version__,
     }
-    torch.save(checkpoint, path)
-    return path
+    return atomic_write(path, lambda fh: torch.save(checkpoint, fh))
 
 
 def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> DGNetPP:

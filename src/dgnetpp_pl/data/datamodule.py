@@ -10,12 +10,14 @@ builds a loader. The epoch is Lightning's: it calls the sampler's ``set_epoch`` 
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from dgnetpp_pl.data.datasets import DatasetError, ReIDDataset, load_image, verify_images
@@ -30,6 +32,8 @@ from dgnetpp_pl.label_store import PseudoLabelStore
 
 if TYPE_CHECKING:
     from dgnetpp_pl.config import DataConfig
+
+log = logging.getLogger(__name__)
 
 
 def make_loader(
@@ -78,6 +82,10 @@ class CrossDomainDataModule(pl.LightningDataModule):
         c = self.config
         source = build_domain(c.source, c.synthetic, c.data_dir, "source")
         target = build_domain(c.target, c.synthetic, c.data_dir, "target")
+        # Which folder each role read, with its sizes: the first thing to check when results look wrong.
+        if rank_zero_only.rank == 0:
+            log.info(f"data.source: {source!r}")
+            log.info(f"data.target: {target!r}")
         if source.root == target.root:
             warnings.warn(
                 f"data.source and data.target are the same dataset ({source.root}): there is no domain gap to "
