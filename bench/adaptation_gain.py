@@ -1,14 +1,22 @@
-"""Adaptation gain of the demo: direct transfer against DG-Net++ over several seeds, plus ablations.
+"""Adaptation gain of the demo: direct transfer against DG-Net++ over several seeds, with and without the teacher
+terms, plus ablations.
 
-For each seed it trains the demo's source stage once (the direct-transfer row), then the demo's adapt stage from
-that checkpoint with the full method and with each ablation switched off in turn. Every run goes through
+For each seed (which also draws the built-in data) it trains the demo's source stage once per teacher setting (the
+direct-transfer rows), then the demo's adapt stage from that checkpoint with the full method and with each ablation
+switched off in turn. With the teacher on (``model.loss.teacher_w=2``), the teacher stage runs once per seed (its
+own direct transfer is a row) and the source stage and the adaptation warm-up train with it. Every run goes through
 ``python -m dgnetpp_pl experiment=demo`` in its own process, so the figures are exactly what ``make demo`` does.
 
-    python bench/adaptation_gain.py                          # 3 seeds, full method and every ablation
-    python bench/adaptation_gain.py --seeds 0 --ablations none
+    python bench/adaptation_gain.py                          # 3 seeds, teacher off and on, every ablation
+    python bench/adaptation_gain.py --seeds 0 --teacher on --ablations 0,1,2,3
+    python bench/adaptation_gain.py --seeds 0 --ablations none debug=tiny   # a smoke run of every row
     python bench/adaptation_gain.py --json bench/results/adaptation_gain.json
 
-Figures are the target test mAP and Rank-1 (Market protocol) of each stage's final weights, in percent.
+Figures are the target test mAP and Rank-1 (Market protocol) of each stage's final weights, in percent. The gain
+column is over the direct transfer of the same teacher setting (the checkpoint the adaptation starts from).
+Ablations change the adapt stage only; ``--ablate-source`` also trains the source stage without the parts that
+exist there (the cycle loss and the generated-image id loss), since with the teacher on the source stage's
+generated images train the re-ID features too.
 """
 
 from __future__ import annotations
@@ -30,11 +38,15 @@ from _common import load_average, print_table  # noqa: E402
 # Each ablation switches one part of the method off; the rest of the demo config is unchanged.
 ABLATIONS = {
     "no cycle loss": ["model.loss.lambda_cyc=0"],
+    "no generated-image id loss": ["model.loss.lambda_id=0"],
     "no domain-adversarial loss": ["model.loss.domain_adv=0"],
     "no self-training": ["adapt.warmup_epochs=${adapt.max_epochs}"],
-    "no generated-image id loss": ["model.loss.lambda_id=0"],
     "random classifier re-init": ["pseudo_label.init_classifier=random"],
 }
+# The ablations whose part also trains in the source stage (--ablate-source).
+IN_SOURCE_STAGE = ("no cycle loss", "no generated-image id loss")
+TEACHER_ON = ["model.loss.teacher_w=2"]
+SETTINGS = {"off": "", "on": ", with teacher"}
 
 
 def run(overrides: list[str], out_dir: Path, log: Path) -> tuple[dict, float]:
@@ -65,14 +77,17 @@ def mean_std(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2)")
+    parser.add_argument("--teacher", choices=("off", "on", "both"), default="both", help="teacher terms (default both)")
     parser.add_argument("--ablations", default="all", help="'all', 'none', or a comma list of indices into ABLATIONS")
     parser.add_argument("--ablation-seeds", help="comma list of the seeds that run the ablations (default: all)")
+    parser.add_argument("--ablate-source", action="store_true", help="also train the source stage without the part")
     parser.add_argument("--work-dir", type=Path, default=HERE / "results" / "adaptation_gain")
     parser.add_argument("--json", type=Path, help="also write every run's figures to this JSON file")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. paths.data_dir=...)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     ablation_seeds = [int(s) for s in args.ablation_seeds.split(",") if s] if args.ablation_seeds else seeds
+    settings = ["off", "on"] if args.teacher == "both" else [args.teacher]
     names = list(ABLATIONS)
     if args.ablations == "all":
         chosen = names
@@ -81,58 +96,101 @@ def main(argv: list[str] | None = None) -> None:
     else:
         chosen = [names[int(i)] for i in args.ablations.split(",")]
 
-    rows: dict[str, list[dict]] = {"direct transfer (source-only)": [], "DG-Net++ adapted": []}
-    rows.update({f"DG-Net++, {name}": [] for name in chosen})
-    times: dict[str, list[float]] = {"source": [], "adapt": []}
+    rows: dict[str, list[dict]] = {}
+    # label -> (the direct-transfer row its gain is measured against, its seeds)
+    basis: dict[str, tuple[str | None, list[int]]] = {}
+    if "on" in settings:
+        rows["teacher (re-ID baseline, direct transfer)"] = []
+        basis["teacher (re-ID baseline, direct transfer)"] = (None, seeds)
+    for setting in settings:
+        direct, full = f"direct transfer (source-only){SETTINGS[setting]}", f"DG-Net++ adapted{SETTINGS[setting]}"
+        rows[direct], rows[full] = [], []
+        basis[direct], basis[full] = (None, seeds), (direct, seeds)
+    for setting in settings:
+        for name in chosen:
+            label = f"DG-Net++{SETTINGS[setting]}, {name}"
+            rows[label] = []
+            basis[label] = (f"direct transfer (source-only){SETTINGS[setting]}", ablation_seeds)
+    times: dict[str, list[float]] = {k: [] for k in ("teacher", "source", "source_teacher", "adapt", "adapt_teacher")}
+    teachers: dict[int, str] = {}
+    sources: dict[tuple[int, str], str] = {}
+
+    def teacher_overrides(seed: int, setting: str) -> list[str]:
+        return [*TEACHER_ON, f"teacher_ckpt={teachers[seed]}"] if setting == "on" else []
+
+    def source_run(seed: int, setting: str, extra: list[str], slug: str) -> dict:
+        base = args.work_dir / f"seed{seed}"
+        overrides = [f"seed={seed}", *args.overrides, "stage=source", *teacher_overrides(seed, setting), *extra]
+        res, took = run(overrides, base / slug, base / f"{slug}.log")
+        times["source_teacher" if setting == "on" else "source"].append(took)
+        return res["source"]
+
+    def adapt_run(seed: int, setting: str, init: str, extra: list[str], slug: str) -> dict:
+        base = args.work_dir / f"seed{seed}"
+        overrides = [f"seed={seed}", *args.overrides, "stage=adapt", f"init_ckpt={init}"]
+        res, took = run([*overrides, *teacher_overrides(seed, setting), *extra], base / slug, base / f"{slug}.log")
+        times["adapt_teacher" if setting == "on" else "adapt"].append(took)
+        print(f"  seed {seed} {slug}: mAP {percent(res['adapt'], 'mAP'):.1f} ({took:.0f} s)", file=sys.stderr)
+        return res["adapt"]
+
     # Every seed's full method first, then the ablations, so the headline rows are ready soonest.
-    ckpts: dict[int, str] = {}
-
-    def adapt_overrides(seed: int) -> list[str]:
-        return [f"seed={seed}", *args.overrides, "stage=adapt", f"init_ckpt={ckpts[seed]}"]
-
     for seed in seeds:
         base = args.work_dir / f"seed{seed}"
         base.mkdir(parents=True, exist_ok=True)
-        src, took = run([f"seed={seed}", *args.overrides, "stage=source"], base / "source", base / "source.log")
-        times["source"].append(took)
-        rows["direct transfer (source-only)"].append(src["source"])
-        ckpts[seed] = src["source"]["ckpt"]
-        print(f"  seed {seed} direct transfer: mAP {percent(src['source'], 'mAP'):.1f}", file=sys.stderr)
-        res, took = run(adapt_overrides(seed), base / "adapted", base / "adapted.log")
-        times["adapt"].append(took)
-        rows["DG-Net++ adapted"].append(res["adapt"])
-        print(f"  seed {seed} DG-Net++ adapted: mAP {percent(res['adapt'], 'mAP'):.1f} ({took:.0f} s)", file=sys.stderr)
+        if "on" in settings:
+            res, took = run([f"seed={seed}", *args.overrides, "stage=teacher"], base / "teacher", base / "teacher.log")
+            times["teacher"].append(took)
+            rows["teacher (re-ID baseline, direct transfer)"].append(res["teacher"])
+            teachers[seed] = res["teacher"]["ckpt"]
+            print(f"  seed {seed} teacher: mAP {percent(res['teacher'], 'mAP'):.1f} ({took:.0f} s)", file=sys.stderr)
+        for setting in settings:
+            suffix = SETTINGS[setting]
+            src = source_run(seed, setting, [], f"source_teacher_{setting}")
+            rows[f"direct transfer (source-only){suffix}"].append(src)
+            sources[seed, setting] = src["ckpt"]
+            print(f"  seed {seed} direct transfer{suffix}: mAP {percent(src, 'mAP'):.1f}", file=sys.stderr)
+            adapted = adapt_run(seed, setting, src["ckpt"], [], f"adapted_teacher_{setting}")
+            rows[f"DG-Net++ adapted{suffix}"].append(adapted)
     for seed in (s for s in seeds if s in ablation_seeds):
-        base = args.work_dir / f"seed{seed}"
-        for name in chosen:
-            slug = name.replace(" ", "_")
-            res, took = run([*adapt_overrides(seed), *ABLATIONS[name]], base / slug, base / f"{slug}.log")
-            rows[f"DG-Net++, {name}"].append(res["adapt"])
-            print(f"  seed {seed} {name}: mAP {percent(res['adapt'], 'mAP'):.1f} ({took:.0f} s)", file=sys.stderr)
+        for setting in settings:
+            for name in chosen:
+                slug = f"{name.replace(' ', '_')}_teacher_{setting}"
+                init = sources[seed, setting]
+                if args.ablate_source and name in IN_SOURCE_STAGE:
+                    init = source_run(seed, setting, ABLATIONS[name], f"source_{slug}")["ckpt"]
+                result = adapt_run(seed, setting, init, ABLATIONS[name], slug)
+                rows[f"DG-Net++{SETTINGS[setting]}, {name}"].append(result)
 
-    direct = {s: percent(r, "mAP") for s, r in zip(seeds, rows["direct transfer (source-only)"], strict=True)}
     table = []
     for label, results in rows.items():
-        run_seeds = seeds if label in ("direct transfer (source-only)", "DG-Net++ adapted") else ablation_seeds
+        reference, run_seeds = basis[label]
         maps = [percent(r, "mAP") for r in results]
-        gains = [m - direct[s] for m, s in zip(maps, run_seeds, strict=True)]
-        gain = mean_std(gains) if label != "direct transfer (source-only)" else "-"
+        gain = "-"
+        if reference is not None:
+            direct = {s: percent(r, "mAP") for s, r in zip(seeds, rows[reference], strict=True)}
+            gain = mean_std([m - direct[s] for m, s in zip(maps, run_seeds, strict=True)])
         row = [label, mean_std(maps), mean_std([percent(r, "Rank-1") for r in results]), gain]
-        table.append([*row, ",".join(map(str, run_seeds))])
+        per_seed = " ".join(f"{m:.1f}" for m in maps)
+        table.append([*row, per_seed, ",".join(map(str, run_seeds))])
     print_table(
         f"Target test figures (%), mean ± std over seeds; load average at the end {load_average()}",
-        ["model", "target mAP", "target Rank-1", "mAP gain over direct transfer", "seeds"],
+        ["model", "target mAP", "target Rank-1", "mAP gain over its direct transfer", "mAP per seed", "seeds"],
         table,
     )
-    demo = [s + a for s, a in zip(times["source"], times["adapt"], strict=True)]
-    print(
-        f"Wall time of one demo (source + adapt stage, incl. start-up and evaluation): {mean_std(demo)} s; "
-        f"source {mean_std(times['source'])} s, adapt {mean_std(times['adapt'])} s."
-    )
+    for setting in settings:
+        src, ada = ("source", "adapt") if setting == "off" else ("source_teacher", "adapt_teacher")
+        stages = [times["teacher"]] if setting == "on" else []
+        demo = [sum(t) for t in zip(*stages, times[src][: len(seeds)], times[ada][: len(seeds)], strict=True)]
+        teacher = f"teacher {mean_std(times['teacher'])} s, " if setting == "on" else ""
+        print(
+            f"Wall time of one demo with the teacher {setting} (stages incl. start-up and evaluation): "
+            f"{mean_std(demo)} s; {teacher}source {mean_std(times[src][: len(seeds)])} s, "
+            f"adapt {mean_std(times[ada][: len(seeds)])} s."
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"seeds": seeds, "ablation_seeds": ablation_seeds, "overrides": args.overrides}
-        payload.update(rows=rows, times=times)
+        payload.update(teacher=settings, ablate_source=args.ablate_source, rows=rows, times=times)
         args.json.write_text(json.dumps(payload, indent=1))
 
 

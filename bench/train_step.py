@@ -11,6 +11,11 @@ process, so each peak RSS is its own.
     python bench/train_step.py                        # paper size (256x128, ResNet-50, batch 8 + 8), CPU
     python bench/train_step.py --model dgnetpp_small --iters 5
     python bench/train_step.py --device cuda --precision bf16 [--channels-last]
+    python bench/train_step.py --model dgnetpp_small --phases source,warmup --teacher   # with the teacher terms
+
+``--teacher`` turns the teacher terms on (``model.loss.teacher_w=2``) with a teacher of the model's trunk and
+bottleneck (ResNet-50 / 512, stride 2 for the paper; the demo's ResNet-18 / 128 for ``dgnetpp_small``): the student
+pass over the detached fakes and the teacher's soft labels. They are active in the source stage and the warm-up.
 """
 
 from __future__ import annotations
@@ -101,6 +106,8 @@ class PassCounter:
         targets += [("str", g.encoder) for g in gens] + [("dec", g.decoder) for g in gens]
         if module.d_dom is not None:
             targets.append(("d_dom", module.d_dom))
+        if module.teacher is not None:
+            targets.append(("teacher", module.teacher))
         for name, mod in targets:
             self._handles.append(mod.register_forward_hook(self._hook(name)))
         # The encoder's feature_map is one call per encoder pass, checkpointed stages included (a hook on the
@@ -139,6 +146,7 @@ class PassCounter:
             "dec": pick("dec"),
             "d_img": pick("d_img"),
             "d_dom": pick("d_dom"),
+            "teacher": pick("teacher"),
         }
 
 
@@ -170,18 +178,24 @@ def _build(args: argparse.Namespace, phase: str) -> tuple[Any, Any, Any, dict, l
     import torch
 
     from dgnetpp_pl.inference import build_model
+    from dgnetpp_pl.models.teacher import Teacher
     from dgnetpp_pl.optim import optimizer_names
     from dgnetpp_pl.schedule import AdaptSchedule
 
-    cfg = load_model_cfg(args.model, args.set, bool(args.channels_last))
+    sets = [*args.set, *(["loss.teacher_w=2"] if args.teacher else [])]
+    cfg = load_model_cfg(args.model, sets, bool(args.channels_last))
     n_src, k = CLASSES.get(args.model, CLASSES["dgnetpp_small"])
     height, width = IMAGE_SIZE.get(args.model, (256, 128))
     stage = "source" if phase == "source" else "adapt"
-    schedule = AdaptSchedule(stage, warmup_epochs=1 if phase == "warmup" else 0)
+    with_teacher = cfg.loss.teacher_w > 0
+    schedule = AdaptSchedule(stage, warmup_epochs=1 if phase == "warmup" else 0, with_teacher=with_teacher)
     torch.manual_seed(0)
     module = build_model(stage, cfg, n_src, k, schedule=schedule, image_size=(height, width))
     if phase == "self_training":
         module.set_target_classes(k)
+    if with_teacher:
+        a = cfg.appearance
+        module.attach_teacher(Teacher(n_src, arch=a.arch, bottleneck_dim=a.bottleneck_dim))
     module.to(args.device).train()
     opts, scheds = module.configure_optimizers()
     named = dict(zip(optimizer_names(module.stage), opts, strict=True))
@@ -215,7 +229,7 @@ def _ours_iteration(module: Any, pair: Any, flags: Any, scheds: list, args: argp
         fwd = objective.forward_pair(
             module.e_app, module.gen_a, module.gen_b_or_a, pair, flags,
             erasing_p=w.erasing_p, structure_detach_p=w.structure_detach_p,
-            joint_call=module.cfg.appearance.joint_call,
+            joint_call=module.cfg.appearance.joint_call, teacher=module.teacher,
         )  # fmt: skip
         _sync(args.device)
         t1 = time.perf_counter()
@@ -250,7 +264,7 @@ def _ref_iteration(
     c0, t0 = time.process_time(), time.perf_counter()
     with _autocast(args.device, args.precision):
         loss = dataclasses.asdict(module.cfg.loss)
-        reference_iteration(Nets.from_module(module), named, pair, flags, loss, stats=stats)
+        reference_iteration(Nets.from_module(module), named, pair, flags, loss, stats=stats, teacher=module.teacher)
     for sched in scheds:
         sched.step()
     _sync(args.device)
@@ -391,7 +405,7 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
     load = max(r.get("load", 0.0) for r in results.values())
     print_table(
         f"One iteration (D step + G step), model={args.model}, batch {args.batch} + {args.batch}, "
-        f"{args.precision}{', channels-last' if args.channels_last else ''}"
+        f"{args.precision}{', channels-last' if args.channels_last else ''}{', teacher terms' if args.teacher else ''}"
         f"{', default malloc' if args.default_malloc else ''}{''.join(', ' + i for i in args.set)}; {where}; "
         f"median of {args.iters} "
         f"after {args.warmup} warm-up; highest load average {load:.1f}",
@@ -408,11 +422,11 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
         "wall time on a shared machine)."
     )
     count_header = ["phase", "path", "E_app live", "E_app frozen", "E_str live", "E_str frozen", "decoder"]
-    count_header += ["D_img", "D_dom", "deep copies"]
+    count_header += ["D_img", "D_dom", "teacher", "deep copies"]
     count_rows = []
     for phase, path, r in _rows(results, args):
         p = r["passes"]
-        names = ("app_live", "app_frozen", "str_live", "str_frozen", "dec", "d_img", "d_dom")
+        names = ("app_live", "app_frozen", "str_live", "str_frozen", "dec", "d_img", "d_dom", "teacher")
         count_rows.append([phase, path, *(_calls(p[n]) for n in names), r["deep_copies"]])
     print_table("Network passes in one iteration: calls (total images)", count_header, count_rows)
     print(
@@ -466,6 +480,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="model config override, e.g. --set decoder.checkpoint=true --set appearance.joint_call=true",
     )
+    parser.add_argument("--teacher", action="store_true", help="the teacher terms on (model.loss.teacher_w=2)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {PHASES}")
     parser.add_argument("--paths", default="ours,ref", help="comma list: ours, ref (official-structured)")
@@ -494,6 +509,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     out += ["--baseline-iters", str(args.baseline_iters), "--batch", str(args.batch), "--device", args.device]
     out += ["--precision", args.precision, "--threads", str(args.threads)]
     out += ["--default-malloc"] if args.default_malloc else []
+    out += ["--teacher"] if args.teacher else []
     out += [f"--set={item}" for item in args.set]
     return out + (["--channels-last"] if args.channels_last else [])
 

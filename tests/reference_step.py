@@ -1,8 +1,9 @@
 """A straightforward DG-Net++ iteration, structured like the official trainer: the "before" path.
 
 Every term is computed on its own: the D step re-runs the generator forward and detaches the fakes, the G step
-calls the appearance encoder once per image group (x_a, x_b, xp_a, xp_b and their erased copies), the decoders
-once per image, deep-copies the appearance encoder (and, in the frozen branch, the structure encoders) to
+calls the appearance encoder once per image group (x_a, x_b, xp_a, xp_b and their erased copies, and each detached
+fake of the teacher terms), the teacher on each image and its mirror image, the decoders once per image,
+deep-copies the appearance encoder (and, in the frozen branch, the structure encoders) to
 re-encode the fakes, and calls the image discriminator once per (fake, real) pair. Loss keys and weights match
 :func:`dgnetpp_pl.objective.generator_losses` and :func:`dgnetpp_pl.objective.image_d_loss`, so the optimised
 path can be checked against this one term by term (tests/test_equivalence.py) and timed against it
@@ -84,6 +85,23 @@ def _reduce(v: Tensor, how: str) -> Tensor:
     return v.sum() if how == "sum" else v.mean()
 
 
+def _teacher_label(teacher: nn.Module, x: Tensor, num_classes: int) -> Tensor:
+    """Official ``predict_label`` (teacher_style 0): softmax of the image and of its mirror image, averaged,
+    renormalised, then zero-padded to ``num_classes``."""
+    with torch.no_grad():
+        probs = F.softmax(teacher(x).float(), dim=1) + F.softmax(teacher(torch.flip(x, dims=[3])).float(), dim=1)
+        probs = probs / 2
+        probs = probs / probs.sum(dim=1, keepdim=True)
+    zeros = probs.new_zeros(probs.shape[0], num_classes - probs.shape[1])
+    return torch.cat([probs, zeros], dim=1)
+
+
+def _teacher_kl(student_logits: Tensor, target: Tensor, num_active: int) -> Tensor:
+    """``KLDivLoss(sum)(log_softmax(student), target) / B`` over the first ``num_active`` classes."""
+    log_probs = F.log_softmax(student_logits[:, :num_active].float(), dim=1)
+    return nn.KLDivLoss(reduction="sum")(log_probs, target[:, :num_active]) / student_logits.shape[0]
+
+
 def _frozen_copy(module: nn.Module, stats: dict[str, float] | None) -> nn.Module:
     """Official per-step ``deepcopy``: weights frozen, dropout off, BatchNorm in the live module's mode."""
     twin = copy.deepcopy(module)
@@ -143,12 +161,14 @@ def reference_g_losses(
     structure_detached: bool | None = None,
     generator: torch.Generator | None = None,
     stats: dict[str, float] | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict[str, Tensor]:
     """G step (official ``gen_update``) with the same keys and weights as ``objective.generator_losses``.
 
     ``erase`` maps one image group ``(B, 3, H, W)`` to its erased copy (default: random erasing with
     ``w["erasing_p"]``); ``structure_detached`` picks the structure re-encoding branch (default: a coin with
     ``w["structure_detach_p"]``). ``stats`` (optional) accumulates ``deep_copies`` and ``reencode_s``.
+    ``teacher`` (eval mode) gives the soft labels of the teacher terms when ``flags.teacher``.
     """
     if erase is None:
 
@@ -214,6 +234,21 @@ def reference_g_losses(
     if flags.domain_adv and nets.d_dom is not None:
         d_t = nets.d_dom(out_b.feat).float()
         out["domain_adv"] = w["domain_adv"] * w["domain_g_scale"] * _reduce(d_t.pow(2), w["domain_reduction"])
+    if flags.teacher:
+        if teacher is None:
+            raise ValueError("reference_g_losses: flags.teacher is set but no teacher was given")
+        # Official gen_update_aa / _ab: the live encoder on each detached fake in its own call.
+        x_ba_copy, x_ab_copy = x_ba.detach(), x_ab.detach()
+        st_ba, st_ab = e_app(x_ba_copy), e_app(x_ab_copy)
+        n_all = st_ba.logits[0].shape[1]
+        kl = _teacher_kl(st_ba.logits[0], _teacher_label(teacher, x_ba_copy, n_all), n_cls)
+        if flags.batch_type == "aa":
+            kl = kl + _teacher_kl(st_ab.logits[0], _teacher_label(teacher, x_ab_copy, n_all), n_cls)
+            fine = _ce(st_ba.logits[1], l_b, n_cls) + _ce(st_ab.logits[1], l_a, n_cls)
+        else:
+            fine = _ce(st_ab.logits[1], l_a, n_cls)
+        out["teacher_kl"] = w["teacher_w"] * w["teacher_kl_w"] * kl
+        out["teacher_b"] = w["teacher_w"] * w["teacher_b_w"] * fine
     out["g_total"] = sum(out.values())
     return out
 
@@ -228,12 +263,13 @@ def reference_losses(
     structure_detached: bool | None = None,
     generator: torch.Generator | None = None,
     stats: dict[str, float] | None = None,
+    teacher: nn.Module | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Both loss dictionaries at the current weights (no optimiser step between): ``(d_losses, g_losses)``."""
     d_losses = reference_d_losses(nets, batch, flags, w)
     g_losses = reference_g_losses(
         nets, batch, flags, w, erase=erase, structure_detached=structure_detached, generator=generator,
-        stats=stats,
+        stats=stats, teacher=teacher,
     )  # fmt: skip
     return d_losses, g_losses
 
@@ -247,6 +283,7 @@ def reference_iteration(
     *,
     generator: torch.Generator | None = None,
     stats: dict[str, float] | None = None,
+    teacher: nn.Module | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One official-structured iteration: D step (forward, backward, step), then G step on the same images.
 
@@ -266,7 +303,7 @@ def reference_iteration(
     t1 = time.perf_counter()
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
-    g_losses = reference_g_losses(nets, batch, flags, w, generator=generator, stats=stats)
+    g_losses = reference_g_losses(nets, batch, flags, w, generator=generator, stats=stats, teacher=teacher)
     g_losses["g_total"].backward()
     for name in ("gen_a", "gen_b", "e_app"):
         if name in optimizers:

@@ -251,7 +251,7 @@ def test_data_settings_name_the_key(synthetic_data_dir: Path) -> None:
         ("data.height=66", r"'data.height': must be a multiple of 4"),
         ("data.width=30", r"'data.width': must be a multiple of 4"),
         ("data.val_split=1.0", r"'data.val_split': must be in \[0, 1\)"),
-        ("stage=teacher", r"'teacher' for key 'stage': expected one of \['source', 'adapt'\]"),
+        ("stage=student", r"'student' for key 'stage': expected one of \['teacher', 'source', 'adapt'\]"),
         ("model.appearance.arch=vgg16", r"key 'model.appearance.arch': expected one of .*resnet50"),
         ("model.loss.domain_reduction=max", r"key 'model.loss.domain_reduction': expected one of \['mean', 'sum'\]"),
         ("adapt.warmup_epochs=9", r"adapt.warmup_epochs=9 exceeds adapt.max_epochs"),

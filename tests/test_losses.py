@@ -17,6 +17,7 @@ from dgnetpp_pl.losses import (
     r1_penalty,
     recon_l1,
     teacher_kl,
+    teacher_soft_label,
 )
 
 
@@ -111,3 +112,33 @@ def test_teacher_kl_by_hand():
     torch.testing.assert_close(student.grad, torch.tensor([[-0.5, 0.5], [-0.5, 0.5]]) / 2)
     with pytest.raises(ValueError, match="more than the student"):
         teacher_kl(student, torch.full((2, 3), 1 / 3))
+
+
+def test_teacher_soft_label_averages_both_views_and_renormalises():
+    # softmax([0, ln 3]) = (1/4, 3/4); the mirror image gives (3/4, 1/4); their mean is (1/2, 1/2).
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])
+    flipped = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]])
+    soft = teacher_soft_label(logits, flipped)
+    torch.testing.assert_close(soft, torch.tensor([[0.5, 0.5], [0.375, 0.625]]))
+    torch.testing.assert_close(soft.sum(1), torch.ones(2))
+    with pytest.raises(ValueError, match="one shape"):
+        teacher_soft_label(logits, flipped[:, :1])
+
+
+def test_teacher_kl_pads_the_source_label_over_active_target_classes():
+    """Student over 2 source + 2 target classes, teacher over the 2 source ones: the target entries get probability
+    0 in the target distribution but still take mass from the student."""
+    soft = torch.tensor([[0.5, 0.5]])
+    # All four classes active, uniform student: KL = sum 0.5 * ln(0.5 / 0.25) = ln 2.
+    assert teacher_kl(torch.zeros(1, 4), soft).item() == pytest.approx(math.log(2))
+    # Student mass on target classes costs: logits (0, 0, ln 2, ln 2) give q = (1/6, 1/6, 1/3, 1/3),
+    # KL = 2 * 0.5 * ln(0.5 / (1/6)) = ln 3.
+    student = torch.tensor([[0.0, 0.0, math.log(2.0), math.log(2.0)]], requires_grad=True)
+    assert teacher_kl(student, soft).item() == pytest.approx(math.log(3))
+    # d KL / d logits = q - p (p zero-padded): (1/6 - 1/2, 1/6 - 1/2, 1/3, 1/3).
+    teacher_kl(student, soft).backward()
+    torch.testing.assert_close(student.grad, torch.tensor([[-1 / 3, -1 / 3, 1 / 3, 1 / 3]]))
+    # Target classes not yet in use are masked out of the student (mask_logits): back to a 2-class KL, here 0.
+    from dgnetpp_pl.objective import mask_logits
+
+    assert teacher_kl(mask_logits(torch.zeros(1, 4), 2), soft).item() == pytest.approx(0.0, abs=1e-6)

@@ -10,6 +10,7 @@ import pickletools
 import random
 import re
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from dgnetpp_pl.atomic_io import ResultFileError, WriteError, atomic_write, previous_path, read_json, remove_temp_files
 from dgnetpp_pl.runlock import process_is_rank_zero
+from dgnetpp_pl.schedule import STAGES
 
 
 class CheckpointError(RuntimeError):
@@ -165,7 +167,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # ------------------------------------------------------------------------------------------------ resume source
-STAGE_ORDER = ("source", "adapt")
+STAGE_ORDER = STAGES
 
 
 def _run_dir_of(path: Path) -> Path:
@@ -300,6 +302,20 @@ def capture_rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+@contextlib.contextmanager
+def own_rng(seed: int) -> Iterator[None]:
+    """Run the block on the global RNGs seeded with ``seed``, then put back the states they had before it: the
+    block draws its own numbers and leaves the caller's streams as it found them."""
+    saved = capture_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # all devices
+    try:
+        yield
+    finally:
+        restore_rng_state(saved)
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:

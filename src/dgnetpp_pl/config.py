@@ -163,7 +163,14 @@ class LossConfig:
     gan_g_scale: float = 2.0  # the official x2 on the generator LSGAN term
     r1: float = 0.01  # R1 penalty on real images
     id: float = 1.0  # id_w
-    fine_grained: float = 0.4  # teacher_w * B_w
+    # The fine-grained head on real images: the official teacher_w * B_w (2 * 0.2), kept apart from the teacher terms
+    # below so that teacher_w=0 leaves it as it is.
+    fine_grained: float = 0.4
+    # teacher_w: the generated-image terms against the teacher, teacher_w * (teacher_kl_w * KL + teacher_b_w * L_B).
+    # 0 trains no teacher and runs no student pass; the paper presets set the official 2.
+    teacher_w: float = 0.0
+    teacher_kl_w: float = 1.0  # T_w
+    teacher_b_w: float = 0.2  # B_w
     pid: float = 1.0  # pid_w
     lambda_id: float = 0.5  # recon_id_w
     domain_adv: float = 1.0  # id_adv_w (warm-up only)
@@ -214,6 +221,28 @@ class ModelConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     channels_last: bool = False
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+@dataclass
+class TeacherConfig:
+    """The teacher stage: a re-ID baseline (ResNet, average pooling, one id head) trained on the labelled source with
+    cross-entropy, at the official baseline's recipe (Nesterov SGD, the backbone at a tenth of the head's rate, the
+    rate divided by 10 after two thirds of 60 epochs). ImageNet weights follow ``model.pretrained``."""
+
+    arch: str = "resnet50"
+    last_stride: int = 2
+    bottleneck_dim: int = 512
+    droprate: float = 0.5
+    max_epochs: int = 60
+    batch_size: int = 32
+    lr: float = 0.05  # the head's rate
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    milestones: list[int] = field(default_factory=lambda: [40])  # epochs
+    gamma: float = 0.1
+    erasing_p: float = 0.5
 
 
 # ------------------------------------------------------------------------------------------ pseudo-labels
@@ -280,11 +309,16 @@ class AdaptStageConfig:
 @dataclass
 class RootConfig:
     task_name: str = "train"
-    # source: DG-Net on the labelled source (direct transfer); adapt: DG-Net++ (runs source first unless init_ckpt).
+    # teacher: the re-ID baseline on the labelled source; source: DG-Net on the labelled source (direct transfer);
+    # adapt: DG-Net++. A stage first runs the ones it needs (teacher when model.loss.teacher_w > 0 unless
+    # teacher_ckpt; source unless init_ckpt).
     stage: str = "adapt"
     seed: int = 0
     # Source-stage checkpoint that the adapt stage starts from; null trains the source stage first.
     init_ckpt: str | None = None
+    # Teacher checkpoint (stage=teacher's final.ckpt, or a converted official net_last.pth) for model.loss.teacher_w
+    # > 0; null trains the teacher stage first.
+    teacher_ckpt: str | None = None
     # Resume this run: a path, or "last" for the newest last.ckpt of this output directory. With train=false: the
     # checkpoint to evaluate (a final.ckpt or last.ckpt of the stage, any run), "last" this run's newest.
     ckpt_path: str | None = None
@@ -313,6 +347,7 @@ class RootConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: dict[str, Any] = field(default_factory=dict)
     callbacks: dict[str, Any] = field(default_factory=dict)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     source: SourceStageConfig = field(default_factory=SourceStageConfig)
     adapt: AdaptStageConfig = field(default_factory=AdaptStageConfig)
 
@@ -482,6 +517,19 @@ _RULES: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
     (OptimConfig, "gamma"): (lambda v: math.isfinite(v) and v > 0, "must be > 0"),
     (OptimConfig, "grad_clip"): (lambda v: v is None or (math.isfinite(v) and v > 0), "must be null or > 0"),
     (FeatureConfig, "alpha"): (_finite_nonneg, "must be a finite number >= 0"),
+    (TeacherConfig, "arch"): _one_of(ARCHS),
+    (TeacherConfig, "last_stride"): (lambda v: v in (1, 2), "must be 1 or 2"),
+    (TeacherConfig, "bottleneck_dim"): (_at_least(1), "must be >= 1"),
+    (TeacherConfig, "droprate"): (_within(0.0, 1.0, closed_hi=False), "must be in [0, 1)"),
+    (TeacherConfig, "max_epochs"): (_at_least(1), "must be >= 1"),
+    (TeacherConfig, "batch_size"): (_at_least(1), "must be >= 1"),
+    (TeacherConfig, "lr"): (_finite_nonneg, "must be a finite rate >= 0"),
+    (TeacherConfig, "backbone_lr_mult"): (_finite_nonneg, "must be a finite number >= 0"),
+    (TeacherConfig, "weight_decay"): (_finite_nonneg, "must be a finite number >= 0"),
+    (TeacherConfig, "momentum"): (_within(0.0, 1.0, closed_hi=False), "must be in [0, 1)"),
+    (TeacherConfig, "milestones"): (lambda v: all(m >= 0 for m in v), "must all be >= 0"),
+    (TeacherConfig, "gamma"): (lambda v: math.isfinite(v) and v > 0, "must be > 0"),
+    (TeacherConfig, "erasing_p"): (_within(0.0, 1.0), "must be a probability in [0, 1]"),
     (PseudoLabelConfig, "method"): _one_of(tuple(METHODS)),
     (PseudoLabelConfig, "k"): (_at_least(1), "must be >= 1"),
     (PseudoLabelConfig, "niter"): (_at_least(1), "must be >= 1"),
@@ -571,6 +619,16 @@ def _root_rules(c: RootConfig) -> None:
     _model_rules(c.model, "model", (c.data.height, c.data.width))
     if c.adapt.warmup_epochs > c.adapt.max_epochs:
         raise ConfigError(f"adapt.warmup_epochs={c.adapt.warmup_epochs} exceeds adapt.max_epochs={c.adapt.max_epochs}.")
+    if c.teacher_ckpt is not None and c.stage == "teacher":
+        raise ConfigError(
+            "teacher_ckpt is set with stage=teacher: that stage trains a teacher. Drop teacher_ckpt, or run "
+            "stage=source / stage=adapt with it."
+        )
+    if c.teacher_ckpt is not None and c.model.loss.teacher_w == 0:
+        raise ConfigError(
+            f"teacher_ckpt={c.teacher_ckpt!r} is set but model.loss.teacher_w=0, so no term would use the teacher. "
+            "Set model.loss.teacher_w > 0 (the official value is 2), or drop teacher_ckpt."
+        )
     if c.stage == "adapt" and c.pseudo_label.method == "dbscan" and c.pseudo_label.max_clusters < 1:
         raise ConfigError(
             "pseudo_label.max_clusters must be >= 1 with pseudo_label.method=dbscan: it is the target classifier's "

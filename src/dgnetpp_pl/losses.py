@@ -119,8 +119,23 @@ def domain_g_loss(d_target: Tensor, reduction: str = "sum", scale: float = 2.0) 
     return scale * domain_lsgan(d_target, 0.0, reduction)
 
 
+def teacher_soft_label(logits: Tensor, flipped_logits: Tensor) -> Tensor:
+    """The teacher's soft label (official `predict_label`, `teacher_style 0`): the mean of softmax(T(x)) and
+    softmax(T(flip x)), renormalised to sum to 1.
+
+    `logits`, `flipped_logits` `(B, K)` (the teacher's outputs on the images and their mirror images) -> `(B, K)`.
+    """
+    if logits.dim() != 2 or logits.shape != flipped_logits.shape:
+        raise ValueError(
+            f"teacher_soft_label: expected two (B, K) logits of one shape, got {tuple(logits.shape)} and "
+            f"{tuple(flipped_logits.shape)}"
+        )
+    mean = (F.softmax(logits.float(), dim=1) + F.softmax(flipped_logits.float(), dim=1)) / 2
+    return mean / mean.sum(dim=1, keepdim=True)
+
+
 def teacher_kl(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
-    """Teacher KL(teacher || softmax(student)) (official round-0 `loss_teacher`: `KLDivLoss(sum) / B`).
+    """Teacher KL(teacher || softmax(student)) (`L_prim` of DG-Net, official `loss_teacher`: `KLDivLoss(sum) / B`).
 
     `student_logits (B, N)`; `teacher_probs (B, K)` with K <= N covers the first K (source) classes and is
     zero-padded to N, as in the official code.

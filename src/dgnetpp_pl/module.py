@@ -3,12 +3,15 @@ generator/encoder step per batch; the tensor math lives in :mod:`dgnetpp_pl.obje
 :mod:`dgnetpp_pl.schedule`, the networks, optimisers and classifier surgery in their own modules.
 
 Stages: ``source`` trains DG-Net on the labelled source with one generator; ``adapt`` trains DG-Net++ with one
-generator per domain, a warm-up with domain-adversarial alignment, then self-training on pseudo-labels.
+generator per domain, a warm-up with domain-adversarial alignment, then self-training on pseudo-labels. With a
+teacher attached (:meth:`DGNetPP.attach_teacher`), the epochs the schedule names also train the appearance encoder
+on generated images against it. The teacher is frozen and outside the module's state dict: checkpoints record
+which file it came from (path and SHA-256), not its weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -22,6 +25,7 @@ from dgnetpp_pl.config import ModelConfig, coerce, plain
 from dgnetpp_pl.evaluation import EvaluationHooks, ReIDEvaluator
 from dgnetpp_pl.features import embed_images
 from dgnetpp_pl.models.generator import Generator
+from dgnetpp_pl.models.teacher import Teacher
 from dgnetpp_pl.networks import build_networks
 from dgnetpp_pl.optim import build_optimizers, optimizer_names
 from dgnetpp_pl.schedule import AdaptSchedule
@@ -52,6 +56,10 @@ class DGNetPP(EvaluationHooks, pl.LightningModule):
         self.cfg = coerce(ModelConfig, model, "model")
         self.schedule = coerce(AdaptSchedule, schedule if schedule is not None else {}, "schedule")
         self.stage = self.schedule.stage
+        if self.stage not in ("source", "adapt"):
+            raise ValueError(
+                f"DGNetPP trains the source and adapt stages, not {self.stage!r} (the teacher stage is TeacherModule)."
+            )
         self.num_source_ids = num_source_ids
         self.target_capacity = target_capacity if self.stage == "adapt" else 0
         # Plain values only, so checkpoints load with weights_only=True; load_from_checkpoint passes them back.
@@ -79,6 +87,36 @@ class DGNetPP(EvaluationHooks, pl.LightningModule):
         self.app_lr_scale = 1.0
         self.evaluator = ReIDEvaluator(all_gather=self.all_gather)
         self.last_eval: dict[str, float] = {}
+        # Not a registered submodule: outside state_dict(), parameters() and train(); _apply moves it along.
+        self._teacher: Teacher | None = None
+        self.teacher_reference: dict[str, str] | None = None
+
+    # ------------------------------------------------------------------ teacher
+    @property
+    def teacher(self) -> Teacher | None:
+        """The frozen teacher (eval mode) of the teacher terms, or None."""
+        return self._teacher
+
+    def attach_teacher(self, teacher: Teacher, reference: dict[str, str] | None = None) -> None:
+        """Use ``teacher`` (frozen, in eval mode: running BatchNorm statistics, no dropout) for the teacher terms;
+        ``reference`` (``{"path", "sha256"}`` of its file) is recorded in this module's checkpoints."""
+        if teacher.num_classes != self.num_source_ids:
+            where = f" ({reference['path']})" if reference else ""
+            raise ValueError(
+                f"The teacher{where} scores {teacher.num_classes} identities but the source has {self.num_source_ids}; "
+                "use a teacher trained on this source (stage=teacher), or leave teacher_ckpt unset to train one."
+            )
+        teacher.eval().requires_grad_(False)
+        param = next(self.parameters())
+        # object.__setattr__: nn.Module's would register it as a submodule.
+        object.__setattr__(self, "_teacher", teacher.to(device=param.device, dtype=param.dtype))
+        self.teacher_reference = dict(reference) if reference else None
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> DGNetPP:
+        super()._apply(fn, recurse)
+        if self._teacher is not None:
+            self._teacher._apply(fn, recurse)
+        return self
 
     @property
     def phase(self) -> str:
@@ -123,7 +161,13 @@ class DGNetPP(EvaluationHooks, pl.LightningModule):
     # ------------------------------------------------------------- training
     def _pair_from_batch(self, batch: dict[str, dict[str, Tensor]]) -> tuple[objective.PairBatch, objective.StepFlags]:
         n_target = int(self.num_target_classes)
-        return objective.pair_from_batch(batch, self.phase, self.num_source_ids, n_target, self.cfg.loss)
+        teacher = self.schedule.teacher_active(self.current_epoch)
+        if teacher and self._teacher is None:
+            raise RuntimeError(
+                f"The {self.stage} stage trains with the teacher terms (model.loss.teacher_w > 0) but no teacher is "
+                "attached; train.py attaches teacher_ckpt or the teacher stage's checkpoint (DGNetPP.attach_teacher)."
+            )
+        return objective.pair_from_batch(batch, self.phase, self.num_source_ids, n_target, self.cfg.loss, teacher)
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> None:
         w = self.cfg.loss
@@ -131,6 +175,7 @@ class DGNetPP(EvaluationHooks, pl.LightningModule):
         fwd = objective.forward_pair(
             self.e_app, self.gen_a, self.gen_b_or_a, pair, flags, erasing_p=w.erasing_p,
             structure_detach_p=w.structure_detach_p, joint_call=self.cfg.appearance.joint_call,
+            teacher=self._teacher,
         )  # fmt: skip
         d_losses = self.discriminator_step(fwd, pair, flags)
         if d_losses is None:
@@ -230,6 +275,8 @@ class DGNetPP(EvaluationHooks, pl.LightningModule):
     # ----------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dgnetpp"] = {"stage": self.stage, "phase": self.phase, "app_lr_scale": self.app_lr_scale}
+        if self.teacher_reference is not None:  # which teacher file trained this state (its weights are not saved)
+            checkpoint["dgnetpp"]["teacher"] = dict(self.teacher_reference)
         # The last validation's metrics, so a run resumed after its last epoch still reports them.
         checkpoint["dgnetpp"]["val_metrics"] = {k: v for k, v in self.last_eval.items() if k.startswith("val/")}
         # Lightning does not save the global RNGs; random erasing and the structure-detach coin draw from them.

@@ -39,6 +39,11 @@ class PairBatch:
     l_b: Tensor
 
 
+# Which domains a pair holds (official gen_update_aa / _ab / _bb): a source and a source, a source and a target, a
+# target and a target.
+BATCH_TYPES = ("aa", "ab", "bb")
+
+
 @dataclass
 class StepFlags:
     """Which terms are active in this phase (source stage, adapt warm-up, adapt self-training)."""
@@ -48,6 +53,8 @@ class StepFlags:
     recon_xp_b: float  # weight of the b-half positive reconstruction
     pid_b: bool  # positive id loss on the b half (source stage only; the official tgt_pos is 0)
     num_active_classes: int  # logits past this index are masked out (unused target capacity)
+    batch_type: str = "ab"  # one of BATCH_TYPES
+    teacher: bool = False  # the teacher KL and the fine-grained term on generated images (aa and ab batches)
 
 
 @dataclass
@@ -151,6 +158,33 @@ def _encode_groups(
     return codes, feats
 
 
+def teacher_pass(e_app: AppearanceEncoder, teacher: nn.Module, fwd: Forward, flags: StepFlags) -> dict[str, Tensor]:
+    """The live encoder on the detached fakes and the frozen teacher's soft labels (official gen_update_aa / _ab).
+
+    One encoder call over ``x_ba`` and ``x_ab`` (train mode: batch statistics, dropout), detached, so the terms
+    reach E_app and its heads only. ``aa``: soft labels of both fakes; ``ab``: of ``x_ba`` only (source
+    appearance, which the source-trained teacher knows). Returns the masked logits ``(B, N)`` of each head on each
+    fake (``student1_ba``, ...) and the soft labels ``(B, K)`` (``teacher_ba``, and ``teacher_ab`` in aa batches).
+    """
+    if flags.batch_type not in ("aa", "ab"):
+        raise ValueError(f"teacher_pass: no teacher terms in {flags.batch_type!r} batches (only aa and ab).")
+    bsz = fwd.x_ab.shape[0]
+    fakes = torch.cat([fwd.x_ba, fwd.x_ab]).detach()
+    _, feat = e_app.backbone_forward(fakes)
+    logits, _ = e_app.heads(feat)
+    out: dict[str, Tensor] = {}
+    for head, lg in zip(("student1", "student2"), logits, strict=True):
+        out[f"{head}_ba"], out[f"{head}_ab"] = _split(mask_logits(lg, flags.num_active_classes), [bsz, bsz])
+    labelled = fakes if flags.batch_type == "aa" else fakes[:bsz]
+    with torch.no_grad():
+        both = teacher(torch.cat([labelled, torch.flip(labelled, dims=[3])]))
+    soft = losses.teacher_soft_label(*both.chunk(2))
+    out["teacher_ba"] = soft[:bsz]
+    if flags.batch_type == "aa":
+        out["teacher_ab"] = soft[bsz:]
+    return out
+
+
 def forward_pair(
     e_app: AppearanceEncoder,
     gen_a: Generator,
@@ -162,14 +196,18 @@ def forward_pair(
     structure_detach_p: float,
     generator: torch.Generator | None = None,
     joint_call: bool = True,
+    teacher: nn.Module | None = None,
 ) -> Forward:
     """Encode, swap, re-encode and cycle once; every tensor the losses use is kept in ``Forward.tensors``.
 
     ``joint_call``: all real images go through one appearance-encoder call (BatchNorm statistics over all of
     them). Otherwise the images whose outputs need no gradient (detached codes, features no loss uses) go through
     a separate no-grad call, which stores no activations; BatchNorm statistics are then per call, as in the
-    official code's separate calls.
+    official code's separate calls. ``teacher`` (eval mode, frozen) is needed when ``flags.teacher``: then
+    :func:`teacher_pass` runs on the fakes.
     """
+    if flags.teacher and teacher is None:
+        raise ValueError("forward_pair: flags.teacher is set but no teacher was given.")
     bsz = batch.x_a.shape[0]
     erase_src = [batch.x_a, batch.xp_a] + ([batch.x_b, batch.xp_b] if flags.b_ids else [])
     erased = random_erasing(torch.cat(erase_src), p=erasing_p, generator=generator)
@@ -239,7 +277,10 @@ def forward_pair(
         t["id1_b"], t["id2_b"], t["pid_b"] = er[2], er2[2], er[3]
     if need_xp_b:
         t["x_b_recon_p"] = out_b[2]
-    return Forward(x_ab=x_ab, x_ba=x_ba, tensors=t)
+    fwd = Forward(x_ab=x_ab, x_ba=x_ba, tensors=t)
+    if flags.teacher:
+        t.update(teacher_pass(e_app, teacher, fwd, flags))
+    return fwd
 
 
 def image_d_loss(
@@ -308,17 +349,38 @@ def generator_losses(
         with frozen(d_dom):
             d_t = d_dom(t["fe_b"])
         out["domain_adv"] = w.domain_adv * losses.domain_g_loss(d_t, w.domain_reduction, scale=w.domain_g_scale)
+    if flags.teacher:
+        out.update(teacher_losses(t, batch, flags, w))
     out["g_total"] = sum(out.values())
     return out
 
 
+def teacher_losses(t: dict[str, Tensor], batch: PairBatch, flags: StepFlags, w: LossConfig) -> dict[str, Tensor]:
+    """``teacher_kl``: ``teacher_w * teacher_kl_w * L_prim``, the KL of the primary head to the teacher on ``x_ba``
+    (and ``x_ab`` in aa batches); ``teacher_b``: ``teacher_w * teacher_b_w * L_fine``, the fine-grained head's cross
+    entropy against the identity of each fake's structure provider (``x_ab``: ``l_a``; in aa batches also ``x_ba``:
+    ``l_b``). ``t`` holds :func:`teacher_pass`'s outputs."""
+    kl = losses.teacher_kl(t["student1_ba"], t["teacher_ba"])
+    fine = losses.id_loss(t["student2_ab"], batch.l_a)
+    if flags.batch_type == "aa":
+        kl = kl + losses.teacher_kl(t["student1_ab"], t["teacher_ab"])
+        fine = losses.id_loss(t["student2_ba"], batch.l_b) + fine
+    return {"teacher_kl": w.teacher_w * w.teacher_kl_w * kl, "teacher_b": w.teacher_w * w.teacher_b_w * fine}
+
+
 def pair_from_batch(
-    batch: dict[str, dict[str, Tensor]], phase: str, num_source_ids: int, num_target_classes: int, w: LossConfig
+    batch: dict[str, dict[str, Tensor]],
+    phase: str,
+    num_source_ids: int,
+    num_target_classes: int,
+    w: LossConfig,
+    teacher: bool = False,
 ) -> tuple[PairBatch, StepFlags]:
     """The two halves of one iteration and the terms active in ``phase``.
 
-    Source stage: the first and second half of a source batch of 2B images. Adapt stage: the source batch and
-    the target batch, target pseudo-labels shifted past the ``num_source_ids`` source classes (-1 stays -1).
+    Source stage: the first and second half of a source batch of 2B images (an aa pair). Adapt stage: the source
+    batch and the target batch (an ab pair), target pseudo-labels shifted past the ``num_source_ids`` source
+    classes (-1 stays -1). ``teacher``: the teacher terms are active in this epoch (``AdaptSchedule.teacher_active``).
     """
     if phase == "source":
         src = batch["source"]
@@ -328,8 +390,9 @@ def pair_from_batch(
             x_b=src["image"][half:], xp_b=src["pos"][half:], l_b=src["label"][half:],
         )  # fmt: skip
         flags = StepFlags(
-            b_ids=True, domain_adv=False, recon_xp_b=w.recon_xp, pid_b=True, num_active_classes=num_source_ids
-        )
+            b_ids=True, domain_adv=False, recon_xp_b=w.recon_xp, pid_b=True, num_active_classes=num_source_ids,
+            batch_type="aa", teacher=teacher,
+        )  # fmt: skip
         return pair, flags
     s, t = batch["source"], batch["target"]
     self_training = phase == "self_training" and num_target_classes > 0
@@ -342,6 +405,8 @@ def pair_from_batch(
         recon_xp_b=w.recon_xp_tgt,
         pid_b=False,
         num_active_classes=num_source_ids + (num_target_classes if self_training else 0),
+        batch_type="ab",
+        teacher=teacher,
     )
     return pair, flags
 
@@ -358,7 +423,10 @@ __all__ = [
     "PairBatch",
     "StepFlags",
     "Forward",
+    "BATCH_TYPES",
     "forward_pair",
+    "teacher_pass",
+    "teacher_losses",
     "image_d_loss",
     "domain_d_loss",
     "generator_losses",

@@ -43,9 +43,11 @@ NOT_COMPARED = (
     "allowed_targets",
 )
 # Keys a stage never reads: its result cannot depend on them.
+# The teacher file a stage trains with is checked by its SHA-256 instead (teacher_checkpoint.check_teacher_reference).
 OTHER_STAGE_KEYS = {
-    "source": ("adapt", "pseudo_label", "model.optim.adapt", "init_ckpt"),
-    "adapt": ("source", "model.optim.source"),
+    "teacher": ("source", "adapt", "pseudo_label", "model.optim", "model.loss", "init_ckpt", "teacher_ckpt"),
+    "source": ("adapt", "pseudo_label", "model.optim.adapt", "init_ckpt", "teacher", "teacher_ckpt"),
+    "adapt": ("source", "model.optim.source", "teacher", "teacher_ckpt"),
 }
 # Keys (or sections) that resume_override may name. None changes a shape, the data read, the random streams or the
 # state a checkpoint restores in a way that would not take effect.
@@ -68,6 +70,7 @@ MAY_CHANGE = (
     "pseudo_label.k1",
     "pseudo_label.k2",
     "pseudo_label.lambda_",
+    "teacher.max_epochs",
     "source.max_epochs",
     "adapt.max_epochs",
     "trainer.accelerator",

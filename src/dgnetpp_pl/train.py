@@ -2,6 +2,11 @@
 from the typed config, fit, test, and return the optimised metric for sweepers. ``python -m dgnetpp_pl`` and
 ``dgnetpp-train`` call :func:`main`.
 
+Stages run in the order teacher -> source -> adapt, each only when the asked ``stage`` needs it and no checkpoint
+of it is given: the teacher when ``model.loss.teacher_w > 0`` (unless ``teacher_ckpt=``), the source stage for
+adaptation (unless ``init_ckpt=``). The teacher stage draws from its own seeded RNG streams, so the stages after it
+start from the same random state with or without it.
+
 Wiring of one stage (every object receives its typed config section; data flows one way)::
 
     PseudoLabelStore ──► CrossDomainDataModule (its train sampler reads the labels)
@@ -22,8 +27,15 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from dgnetpp_pl.allocator import keep_freed_memory
 from dgnetpp_pl.atomic_io import write_json
+from dgnetpp_pl.callbacks.image_grid import SwapGridCallback
 from dgnetpp_pl.callbacks.pseudo_label import PseudoLabelCallback
-from dgnetpp_pl.checkpoints import AtomicCheckpointIO, load_checkpoint, resolve_eval_checkpoint, resolve_resume
+from dgnetpp_pl.checkpoints import (
+    AtomicCheckpointIO,
+    load_checkpoint,
+    own_rng,
+    resolve_eval_checkpoint,
+    resolve_resume,
+)
 from dgnetpp_pl.cli import run_app
 from dgnetpp_pl.config import ConfigError, RootConfig, plain, validate_config
 from dgnetpp_pl.data.datamodule import CrossDomainDataModule
@@ -39,26 +51,44 @@ from dgnetpp_pl.resume_check import (
     finished_result,
     with_run_config,
 )
-from dgnetpp_pl.schedule import AdaptSchedule
+from dgnetpp_pl.schedule import TEACHER_PHASES, AdaptSchedule
 from dgnetpp_pl.signals import CheckpointOnSigterm
+from dgnetpp_pl.teacher_checkpoint import check_teacher_reference, load_teacher, save_teacher, teacher_reference
+from dgnetpp_pl.teacher_module import TeacherModule
 
-STAGE_LABELS = {"source": "direct transfer (source-only)", "adapt": "DG-Net++ adapted"}
+STAGE_LABELS = {
+    "teacher": "teacher (re-ID baseline, direct transfer)",
+    "source": "direct transfer (source-only)",
+    "adapt": "DG-Net++ adapted",
+}
 
 
 def build_datamodule(cfg: RootConfig, stage: str, labels: PseudoLabelStore | None = None) -> CrossDomainDataModule:
     """The stage's datamodule; in the adapt stage its sampler reads the target pseudo-labels from ``labels``."""
-    return CrossDomainDataModule(cfg.data, stage=stage, seed=cfg.seed, labels=labels)
+    teacher = cfg.teacher if stage == "teacher" else None
+    return CrossDomainDataModule(cfg.data, stage=stage, seed=cfg.seed, labels=labels, teacher=teacher)
 
 
-def build_schedule(cfg: RootConfig, stage: str) -> AdaptSchedule:
-    """The stage's phases from ``adapt`` and ``pseudo_label.every_n_epochs``."""
-    if stage == "source":
-        return AdaptSchedule(stage="source")
+def uses_teacher(cfg: RootConfig, stage: str) -> bool:
+    """Whether ``stage`` trains with the teacher terms: ``model.loss.teacher_w > 0`` and the stage has epochs in
+    a phase of :data:`TEACHER_PHASES` (the source stage; the adapt stage's warm-up)."""
+    if cfg.model.loss.teacher_w == 0 or stage == "teacher":
+        return False
+    schedule = build_schedule(cfg, stage)
+    max_epochs = cfg.source.max_epochs if stage == "source" else cfg.adapt.max_epochs
+    return any(schedule.phase(epoch) in TEACHER_PHASES for epoch in range(max_epochs))
+
+
+def build_schedule(cfg: RootConfig, stage: str, with_teacher: bool = False) -> AdaptSchedule:
+    """The stage's phases from ``adapt`` and ``pseudo_label.every_n_epochs``; ``with_teacher``: its teacher terms."""
+    if stage in ("teacher", "source"):
+        return AdaptSchedule(stage=stage, with_teacher=with_teacher)
     return AdaptSchedule(
         stage="adapt",
         warmup_epochs=cfg.adapt.warmup_epochs,
         refresh_every=cfg.pseudo_label.every_n_epochs,
         app_lr_ramp=cfg.adapt.app_lr_ramp,
+        with_teacher=with_teacher,
     )
 
 
@@ -71,7 +101,8 @@ def target_capacity(cfg: RootConfig, stage: str) -> int:
 
 def build_trainer(cfg: RootConfig, stage: str, callbacks: list, loggers: list, stage_dir: Path) -> pl.Trainer:
     kw = {k: v for k, v in plain(cfg.trainer).items() if v is not None}
-    max_epochs = cfg.source.max_epochs if stage == "source" else cfg.adapt.max_epochs
+    max_epochs = {"teacher": cfg.teacher.max_epochs, "source": cfg.source.max_epochs, "adapt": cfg.adapt.max_epochs}
+    max_epochs = max_epochs[stage]
     if not kw.get("enable_progress_bar", True):
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.ProgressBar)]
     return pl.Trainer(
@@ -118,6 +149,8 @@ def build_callbacks(
     """The configured callbacks (checkpoints into ``stage_dir``), the pseudo-label refresh in the adapt stage, and
     the SIGTERM handler (returned apart too, since the run installs it)."""
     callbacks = instantiate_group(cfg.callbacks, cfg.allowed_targets, "callbacks")
+    if schedule.stage == "teacher":  # no generator to draw swaps with
+        callbacks = [cb for cb in callbacks if not isinstance(cb, SwapGridCallback)]
     for cb in callbacks:
         if isinstance(cb, pl.callbacks.ModelCheckpoint):
             cb.dirpath = str(stage_dir)
@@ -128,11 +161,16 @@ def build_callbacks(
     return [*callbacks, sigterm], sigterm
 
 
-def build_module(cfg: RootConfig, stage: str, num_source_ids: int) -> DGNetPP:
-    """The stage's LightningModule, sized for ``num_source_ids`` source identities and the target capacity."""
+def build_module(
+    cfg: RootConfig, stage: str, num_source_ids: int, schedule: AdaptSchedule | None = None
+) -> TeacherModule | DGNetPP:
+    """The stage's LightningModule, untrained, sized for ``num_source_ids`` source identities and the target
+    capacity; ``schedule`` defaults to the stage's without teacher terms."""
+    if stage == "teacher":
+        return TeacherModule(cfg.teacher, num_source_ids, cfg.model.pretrained, cfg.model.features.flip)
     return DGNetPP(
         cfg.model,
-        build_schedule(cfg, stage),
+        schedule or build_schedule(cfg, stage),
         num_source_ids=num_source_ids,
         target_capacity=target_capacity(cfg, stage),
         skip_nonfinite_steps=cfg.skip_nonfinite_steps,
@@ -140,7 +178,52 @@ def build_module(cfg: RootConfig, stage: str, num_source_ids: int) -> DGNetPP:
     )
 
 
-def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict[str, Any]:
+def build_stage_model(
+    cfg: RootConfig,
+    stage: str,
+    dm: CrossDomainDataModule,
+    schedule: AdaptSchedule,
+    resume: str | None,
+    init_ckpt: str | None = None,
+    teacher_ckpt: str | None = None,
+) -> TeacherModule | DGNetPP:
+    """The stage's module: the teacher stage's, or DG-Net(++) started from ``init_ckpt`` (adapt, unless resumed)
+    with the teacher of ``teacher_ckpt`` attached when its schedule trains with one. A resumed checkpoint must have
+    been trained with the same teacher file content (or none)."""
+    model = build_module(cfg, stage, dm.num_source_ids, schedule)
+    if stage == "teacher":
+        return model
+    if stage == "adapt" and resume is None:
+        state = load_checkpoint(init_ckpt)["state_dict"]
+        model.load_source_stage(state, keep_source_classifier=cfg.adapt.keep_source_classifier)
+    if schedule.with_teacher:
+        if teacher_ckpt is None:
+            raise ConfigError(f"The {stage} stage trains with the teacher terms but no teacher checkpoint was given.")
+        reference = teacher_reference(teacher_ckpt)
+        try:
+            model.attach_teacher(load_teacher(teacher_ckpt), reference)
+        except ValueError as err:
+            raise ConfigError(f"teacher_ckpt={teacher_ckpt}: {err}") from None
+    if resume is not None:
+        recorded = load_checkpoint(resume, mmap=True).get("dgnetpp", {}).get("teacher")
+        check_teacher_reference(recorded, model.teacher_reference, resume)
+    return model
+
+
+def save_final(trainer: pl.Trainer, model: TeacherModule | DGNetPP, path: Path) -> None:
+    """The stage's result file: the teacher alone (:func:`save_teacher`), or the full state so that a DG-Net(++)
+    stage can be continued."""
+    if isinstance(model, TeacherModule):
+        if trainer.is_global_zero:
+            save_teacher(model.teacher, path, origin="stage=teacher")
+        trainer.strategy.barrier("teacher saved")
+        return
+    trainer.save_checkpoint(path, weights_only=False)
+
+
+def run_stage(
+    cfg: RootConfig, stage: str, init_ckpt: str | None = None, teacher_ckpt: str | None = None
+) -> dict[str, Any]:
     """Fit (or resume) one stage and evaluate it on the target; returns its metrics and checkpoint path."""
     out_dir = Path(cfg.paths.output_dir)
     stage_dir = out_dir / "checkpoints" / stage
@@ -161,13 +244,10 @@ def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict
             f"pseudo_label.k={cfg.pseudo_label.k} is larger than the number of target train images ({n_target}); "
             f"set pseudo_label.k <= {n_target}."
         )
-    model = build_module(cfg, stage, dm.num_source_ids)
-    schedule = model.schedule
+    schedule = build_schedule(cfg, stage, with_teacher=uses_teacher(cfg, stage))
+    model = build_stage_model(cfg, stage, dm, schedule, resume, init_ckpt, teacher_ckpt)
     if resumed is not None:  # the data on disk may differ from the checkpoint's (e.g. its number of identities)
         check_model(resumed.hyper_parameters, model.hparams, resumed.path)
-    if stage == "adapt" and resume is None:
-        state = load_checkpoint(init_ckpt)["state_dict"]
-        model.load_source_stage(state, keep_source_classifier=cfg.adapt.keep_source_classifier)
 
     callbacks, sigterm = build_callbacks(cfg, stage_dir, schedule, labels)
     if resumed is not None:  # rates that resume_override let change, applied to the restored optimisers
@@ -185,7 +265,7 @@ def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict
         # A run resumed after its last epoch validates nothing: report the restored metrics.
         result.update(val or model.last_eval)
         if not sigterm.requested:
-            trainer.save_checkpoint(final, weights_only=False)  # full state, so a stage can be continued
+            save_final(trainer, model, final)
         if cfg.test and not sigterm.requested:
             tested = trainer.test(model, datamodule=dm, verbose=False)
             result.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
@@ -211,8 +291,18 @@ def evaluate_stage(cfg: RootConfig) -> dict[str, Any]:
     dm.prepare_data()
     dm.setup("test")
     model = build_module(cfg, stage, dm.num_source_ids)
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
+    if ckpt_path is None and stage != "adapt":
+        raise ConfigError(f"train=false stage={stage} evaluates a checkpoint: give ckpt_path=<file> or ckpt_path=last.")
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    if isinstance(model, TeacherModule) and ckpt.get("dgnetpp", {}).get("stage") == "teacher":
+        teacher = load_teacher(ckpt_path)  # a teacher stage's final.ckpt, or a converted official teacher
+        if teacher.num_classes != dm.num_source_ids:
+            raise ConfigError(
+                f"ckpt_path={ckpt_path}: the teacher scores {teacher.num_classes} source ids, the source dataset has "
+                f"{dm.num_source_ids}; evaluate it with the data.source it was trained on."
+            )
+        model.teacher = teacher
+    elif ckpt is not None:
         check_model(ckpt.get("hyper_parameters", {}), model.hparams, ckpt_path)
         model.load_state_dict(ckpt["state_dict"])
     else:
@@ -239,25 +329,47 @@ def close_loggers(trainer: pl.Trainer) -> None:
             wandb.finish()
 
 
+def stages_to_run(cfg: RootConfig) -> list[str]:
+    """The stages ``cfg.stage`` runs, in order: the asked one and those it needs whose checkpoints are not given."""
+    if cfg.stage == "teacher":
+        return ["teacher"]
+    stages = ["source"] if cfg.stage == "source" or cfg.init_ckpt is None else []
+    stages += ["adapt"] if cfg.stage == "adapt" else []
+    if cfg.teacher_ckpt is None and any(uses_teacher(cfg, s) for s in stages):
+        stages.insert(0, "teacher")
+    return stages
+
+
 def train(cfg: RootConfig | DictConfig) -> dict[str, Any]:
-    """Run the configured stage(s); returns ``{"source": {...}, "adapt": {...}}``. With ``train=false``, evaluate
-    a checkpoint of ``cfg.stage`` instead (:func:`evaluate_stage`)."""
+    """Run the configured stage(s); returns ``{"teacher": {...}, "source": {...}, "adapt": {...}}`` (those run). With
+    ``train=false``, evaluate a checkpoint of ``cfg.stage`` instead (:func:`evaluate_stage`)."""
     cfg = validate_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     if not cfg.train:
         return evaluate_stage(cfg)
     results: dict[str, Any] = {}
-    init = cfg.init_ckpt
+    init, teacher = cfg.init_ckpt, cfg.teacher_ckpt
     if init is not None and not Path(init).is_file():
         raise ConfigError(
             f"init_ckpt={init!r} does not exist. Give the path of a source-stage checkpoint "
             "(outputs/.../checkpoints/source/final.ckpt), or leave init_ckpt=null to train the source stage first."
         )
-    if cfg.stage == "source" or init is None:
-        results["source"] = run_stage(cfg, "source")
+    if teacher is not None and not Path(teacher).is_file():
+        raise ConfigError(
+            f"teacher_ckpt={teacher!r} does not exist. Give the path of a teacher checkpoint "
+            "(outputs/.../checkpoints/teacher/final.ckpt, or an official net_last.pth converted with "
+            "`python -m dgnetpp_pl.convert kind=teacher`), or leave teacher_ckpt=null to train the teacher stage first."
+        )
+    stages = stages_to_run(cfg)
+    if "teacher" in stages:
+        with own_rng(cfg.seed):
+            results["teacher"] = run_stage(cfg, "teacher")
+        teacher = results["teacher"]["ckpt"]
+    if "source" in stages:
+        results["source"] = run_stage(cfg, "source", teacher_ckpt=teacher)
         init = results["source"]["ckpt"]
-    if cfg.stage == "adapt":
-        results["adapt"] = run_stage(cfg, "adapt", init_ckpt=init)
+    if "adapt" in stages:
+        results["adapt"] = run_stage(cfg, "adapt", init_ckpt=init, teacher_ckpt=teacher)
     if rank_zero_only.rank == 0:
         out_dir = Path(cfg.paths.output_dir)
         write_json(out_dir / "metrics.json", results)
@@ -266,7 +378,7 @@ def train(cfg: RootConfig | DictConfig) -> dict[str, Any]:
 
 
 def optimized_value(cfg: RootConfig, results: dict[str, Any]) -> float | None:
-    last = results.get("adapt") or results.get("source") or {}
+    last = results.get("adapt") or results.get("source") or results.get("teacher") or {}
     value = last.get(cfg.optimized_metric)
     return None if value is None else float(value)
 

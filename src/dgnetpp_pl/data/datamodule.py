@@ -26,12 +26,12 @@ from dgnetpp_pl.data.records import ImageRecord
 from dgnetpp_pl.data.resumable import ResumableDataLoader
 from dgnetpp_pl.data.sampling import PairSampler
 from dgnetpp_pl.data.splits import split_validation_ids
-from dgnetpp_pl.data.torch_datasets import PairedTrainDataset, ReIDImageDataset
+from dgnetpp_pl.data.torch_datasets import LabelledTrainDataset, PairedTrainDataset, ReIDImageDataset
 from dgnetpp_pl.data.transforms import build_test_transform, build_train_transform
 from dgnetpp_pl.label_store import PseudoLabelStore
 
 if TYPE_CHECKING:
-    from dgnetpp_pl.config import DataConfig
+    from dgnetpp_pl.config import DataConfig, TeacherConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,9 @@ class CrossDomainDataModule(pl.LightningDataModule):
     """Source + target re-ID data for DG-Net / DG-Net++, from the typed ``data`` config.
 
     Train batches are ``{"source": S, "target": T}`` (``stage="adapt"``) or ``{"source": S}`` with
-    2 * batch_size images (``stage="source"``); see :class:`PairedTrainDataset` for S and T. Target labels
+    2 * batch_size images (``stage="source"``); see :class:`PairedTrainDataset` for S and T. ``stage="teacher"``
+    (with ``teacher``, the teacher stage's config): ``{"source": S}`` of ``teacher.batch_size`` labelled source images
+    without positives, randomly erased with ``teacher.erasing_p`` (:class:`LabelledTrainDataset`). Target labels
     are those of ``labels`` (-1: none yet, or an outlier); a target positive is another image of the same
     pseudo-label, else another augmentation of the same image. Validation and test loaders run over target
     query + gallery (the first ``num_query`` samples are queries). ``data.val_split > 0`` holds out that fraction
@@ -64,11 +66,18 @@ class CrossDomainDataModule(pl.LightningDataModule):
     """
 
     def __init__(
-        self, config: DataConfig, stage: str = "adapt", seed: int = 0, labels: PseudoLabelStore | None = None
+        self,
+        config: DataConfig,
+        stage: str = "adapt",
+        seed: int = 0,
+        labels: PseudoLabelStore | None = None,
+        teacher: TeacherConfig | None = None,
     ) -> None:
         super().__init__()
-        self.config, self.train_stage, self.seed = config, stage, seed
-        self.labels = labels if labels is not None or stage == "source" else PseudoLabelStore()
+        if (stage == "teacher") != (teacher is not None):
+            raise ValueError("CrossDomainDataModule: give the teacher config with stage='teacher', and only then.")
+        self.config, self.train_stage, self.seed, self.teacher = config, stage, seed, teacher
+        self.labels = labels if labels is not None or stage in ("source", "teacher") else PseudoLabelStore()
         self._data: dict[str, ReIDDataset] = {}
 
     def prepare_data(self) -> None:
@@ -98,7 +107,7 @@ class CrossDomainDataModule(pl.LightningDataModule):
             if bad:
                 listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
                 raise DatasetError(f"{len(bad)} unreadable image(s); replace or remove them:\n{listing}")
-        if c.batch_size > source.num_train_pids:
+        if self.teacher is None and c.batch_size > source.num_train_pids:
             raise DatasetError(
                 f"data.batch_size={c.batch_size} is larger than the {source.num_train_pids} source train "
                 "identities; lower data.batch_size."
@@ -108,6 +117,16 @@ class CrossDomainDataModule(pl.LightningDataModule):
         if c.val_split > 0:
             self._target_train, *val = split_validation_ids(target.train, c.val_split, self.seed)
             self._val = (val[0], val[1])
+        if self.teacher is not None:
+            if len(source.train) < self.teacher.batch_size:
+                raise DatasetError(
+                    f"only {len(source.train)} source train images for a batch of {self.teacher.batch_size}; "
+                    "lower teacher.batch_size."
+                )
+            self._data = {"source": source, "target": target}
+            transform = build_train_transform(c.height, c.width, c.pad, erasing_p=self.teacher.erasing_p)
+            self._train_set = LabelledTrainDataset(source.train, transform)
+            return
         source_stage = self.train_stage == "source"
         pairs = len(source.train) if source_stage else min(len(source.train), len(self._target_train))
         per_batch = 2 * c.batch_size if source_stage else c.batch_size
@@ -172,14 +191,18 @@ class CrossDomainDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        source_stage = self.train_stage == "source"
-        if not source_stage:
+        source_only = self.train_stage in ("source", "teacher")
+        if not source_only:
             self.labels.labels_for(len(self._target_train))  # labels of other data (a foreign checkpoint) fail here
+        if self.teacher is not None:
+            batch_size = self.teacher.batch_size
+        else:
+            batch_size = 2 * self.config.batch_size if source_only else self.config.batch_size
         sampler = PairSampler(
             source_labels=np.array([r.pid for r in self._data["source"].train]),
-            labels=None if source_stage else self.labels,
+            labels=None if source_only else self.labels,
             num_target=len(self._target_train),
-            batch_size=2 * self.config.batch_size if source_stage else self.config.batch_size,
+            batch_size=batch_size,
             seed=self.seed,
             drop_target_outliers=self.config.drop_target_outliers,
         )

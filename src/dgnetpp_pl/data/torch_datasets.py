@@ -1,4 +1,5 @@
-"""Torch datasets over image records: the paired train set (keys from the sampler) and the plain evaluation set."""
+"""Torch datasets over image records: the paired train set and the labelled source train set (keys from the sampler),
+and the plain evaluation set."""
 
 from __future__ import annotations
 
@@ -50,6 +51,26 @@ class PairedTrainDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(image)
+
+
+class LabelledTrainDataset(Dataset):
+    """Map-style dataset over :class:`PairKey` keys that reads the source image only: ``key -> {"source": S}``
+    with ``image`` (3, H, W), ``label``, ``camid`` and ``index`` (the teacher stage's batches). Augmentation is
+    seeded by the key."""
+
+    def __init__(self, records: Sequence[ImageRecord], transform: Callable) -> None:
+        self.records, self.transform = list(records), transform
+
+    def __len__(self) -> int:  # keys are PairKeys; the sampler defines the epoch
+        return len(self.records)
+
+    def __getitem__(self, key: PairKey) -> dict[str, dict[str, Any]]:
+        record = self.records[key.source]
+        image = load_image(record.path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(key.seed * 4)
+            image = self.transform(image)
+        return {"source": {"image": image, "label": record.pid, "camid": record.camid, "index": key.source}}
 
 
 class ReIDImageDataset(Dataset):

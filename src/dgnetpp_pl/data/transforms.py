@@ -14,15 +14,21 @@ def _to_normalized_tensor() -> list[v2.Transform]:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def build_train_transform(height: int, width: int, pad: int = 10, flip_p: float = 0.5) -> v2.Compose:
-    """Flip, bicubic resize, edge pad, random crop, normalise; PIL in, ``(3, H, W)`` out."""
+def build_train_transform(
+    height: int, width: int, pad: int = 10, flip_p: float = 0.5, erasing_p: float = 0.0
+) -> v2.Compose:
+    """Flip, bicubic resize, edge pad, random crop, normalise, then (``erasing_p > 0``) random erasing with the
+    settings of :func:`random_erasing`; PIL in, ``(3, H, W)`` out."""
     steps: list[v2.Transform] = [
         v2.RandomHorizontalFlip(flip_p),
         v2.Resize((height, width), interpolation=InterpolationMode.BICUBIC, antialias=True),
     ]
     if pad > 0:
         steps += [v2.Pad(pad, padding_mode="edge"), v2.RandomCrop((height, width))]
-    return v2.Compose(steps + _to_normalized_tensor())
+    steps += _to_normalized_tensor()
+    if erasing_p > 0:
+        steps.append(v2.RandomErasing(erasing_p, scale=(0.02, 0.4), ratio=(0.3, 3.33), value=0.0))
+    return v2.Compose(steps)
 
 
 def build_test_transform(height: int, width: int) -> v2.Compose:

@@ -54,6 +54,11 @@ class Teacher(nn.Module):
         """Average-pooled feature `(B, C)` (2048 for resnet50)."""
         return F.adaptive_avg_pool2d(self.feature_map(x), 1).flatten(1)
 
+    def embedding(self, x: Tensor) -> Tensor:
+        """The head's bottleneck output after BN `(B, bottleneck_dim)`: the baseline's test-time feature."""
+        _, emb = self.head(self.pooled(x))
+        return emb
+
     def forward(self, x: Tensor) -> Tensor:
         logits, _ = self.head(self.pooled(x))
         return logits
