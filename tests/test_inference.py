@@ -57,13 +57,13 @@ def test_the_adapt_stage_starts_from_a_written_source_checkpoint(source_ckpt: Pa
 
 def test_hyper_parameters_of_another_schema_name_the_key(source_ckpt: Path, tmp_path: Path) -> None:
     raw = torch.load(source_ckpt, weights_only=True)
-    raw["hyper_parameters"]["model"]["loss"]["teacher_w"] = 2.0  # a key this version does not have
+    raw["hyper_parameters"]["model"]["loss"]["lambda_unknown"] = 2.0  # a key this version does not have
     bad = tmp_path / "foreign.ckpt"
     torch.save(raw, bad)
-    with pytest.raises(CheckpointError, match=r"foreign.ckpt holds hyper-parameters .*model.loss.teacher_w"):
+    with pytest.raises(CheckpointError, match=r"foreign.ckpt holds hyper-parameters .*model.loss.lambda_unknown"):
         load_model(bad)
     with pytest.raises(ConfigError, match=r"'schedule.stage': expected one of"):
-        DGNetPP(ModelConfig(), {"stage": "teacher"})
+        DGNetPP(ModelConfig(), {"stage": "finetune"})
 
 
 def test_evaluate_reads_only_the_target_and_checks_the_checkpoint_first(source_ckpt: Path, tmp_path: Path) -> None:

@@ -77,6 +77,9 @@ class DGNetPP(EvaluationHooks, pl.LightningModule):
         self.e_app, self.gen_a, self.gen_b, self.d_img, self.d_dom = build_networks(
             self.cfg, self.stage, num_source_ids + self.target_capacity
         )
+        # Not a registered submodule: outside state_dict(), parameters() and train(); _apply moves it along.
+        self._teacher: Teacher | None = None
+        self.teacher_reference: dict[str, str] | None = None
         if self.cfg.channels_last:
             self.to(memory_format=torch.channels_last)
         # Number of target clusters in use (0 until the first pseudo-labels); saved with the weights.
@@ -87,9 +90,6 @@ class DGNetPP(EvaluationHooks, pl.LightningModule):
         self.app_lr_scale = 1.0
         self.evaluator = ReIDEvaluator(all_gather=self.all_gather)
         self.last_eval: dict[str, float] = {}
-        # Not a registered submodule: outside state_dict(), parameters() and train(); _apply moves it along.
-        self._teacher: Teacher | None = None
-        self.teacher_reference: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ teacher
     @property
