@@ -8,7 +8,8 @@ Wiring of one stage (every object receives its typed config section; data flows 
           ▲                        │ batches
           │ labels                 ▼
     PseudoLabelCallback ◄── DGNetPP (features; set_target_classes is its one surgery method)
-          both ask AdaptSchedule: phase(epoch), refresh_due(epoch), app_lr_scale(epoch)
+          all ask AdaptSchedule: phase(epoch), refresh_due(epoch), app_lr_scale(epoch),
+          batch_types(epoch) and skips(type, epoch) (the datamodule's sampler and the module)
 """
 
 from __future__ import annotations
@@ -37,20 +38,26 @@ from dgnetpp_pl.signals import CheckpointOnSigterm
 STAGE_LABELS = {"source": "direct transfer (source-only)", "adapt": "DG-Net++ adapted"}
 
 
-def build_datamodule(cfg: RootConfig, stage: str, labels: PseudoLabelStore | None = None) -> CrossDomainDataModule:
-    """The stage's datamodule; in the adapt stage its sampler reads the target pseudo-labels from ``labels``."""
-    return CrossDomainDataModule(cfg.data, stage=stage, seed=cfg.seed, labels=labels)
+def build_datamodule(
+    cfg: RootConfig, stage: str, labels: PseudoLabelStore | None = None, schedule: AdaptSchedule | None = None
+) -> CrossDomainDataModule:
+    """The stage's datamodule; in the adapt stage its sampler reads the target pseudo-labels from ``labels`` and
+    the batch types each epoch draws from ``schedule`` (default: :func:`build_schedule`)."""
+    schedule = schedule if schedule is not None else build_schedule(cfg, stage)
+    return CrossDomainDataModule(cfg.data, stage=stage, seed=cfg.seed, labels=labels, schedule=schedule)
 
 
 def build_schedule(cfg: RootConfig, stage: str) -> AdaptSchedule:
-    """The stage's phases from ``adapt`` and ``pseudo_label.every_n_epochs``."""
+    """The stage's phases from ``adapt`` and ``pseudo_label.every_n_epochs``, its batch types from ``data.pairing``."""
     if stage == "source":
-        return AdaptSchedule(stage="source")
+        return AdaptSchedule(stage="source", pairing=cfg.data.pairing)
     return AdaptSchedule(
         stage="adapt",
         warmup_epochs=cfg.adapt.warmup_epochs,
         refresh_every=cfg.pseudo_label.every_n_epochs,
         app_lr_ramp=cfg.adapt.app_lr_ramp,
+        pairing=cfg.data.pairing,
+        aa_drop=cfg.adapt.aa_drop,
     )
 
 
@@ -130,7 +137,8 @@ def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict
         return read_result(done_file)
 
     labels = PseudoLabelStore() if stage == "adapt" else None
-    dm = build_datamodule(cfg, stage, labels)
+    schedule = build_schedule(cfg, stage)
+    dm = build_datamodule(cfg, stage, labels, schedule)
     dm.prepare_data()
     dm.setup("fit")
     n_target = len(dm.target_train_records)
@@ -139,7 +147,6 @@ def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict
             f"pseudo_label.k={cfg.pseudo_label.k} is larger than the number of target train images ({n_target}); "
             f"set pseudo_label.k <= {n_target}."
         )
-    schedule = build_schedule(cfg, stage)
     model = DGNetPP(
         cfg.model,
         schedule,
