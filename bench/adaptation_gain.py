@@ -1,12 +1,15 @@
-"""Adaptation gain of the demo: direct transfer against DG-Net++ over several seeds, plus ablations.
+"""Adaptation gain of the demo: direct transfer against DG-Net++ over several seeds, plus ablations and variants.
 
 For each seed it trains the demo's source stage once (the direct-transfer row), then the demo's adapt stage from
-that checkpoint with the full method and with each ablation switched off in turn. Every run goes through
+that checkpoint with the full method, with each ablation switched off in turn, and with each variant (the official
+batch mix, the official recipe as a whole) instead of the demo's settings. Every run goes through
 ``python -m dgnetpp_pl experiment=demo`` in its own process, so the figures are exactly what ``make demo`` does.
 
     python bench/adaptation_gain.py                          # 3 seeds, full method and every ablation
     python bench/adaptation_gain.py --seeds 0 --ablations none
+    python bench/adaptation_gain.py --ablations none --variants all   # data.pairing=official against cross
     python bench/adaptation_gain.py --json bench/results/adaptation_gain.json
+    python bench/adaptation_gain.py --seeds 0 --ablations none --variants all debug=tiny   # a minutes-long check
 
 Figures are the target test mAP and Rank-1 (Market protocol) of each stage's final weights, in percent.
 """
@@ -34,6 +37,15 @@ ABLATIONS = {
     "no self-training": ["adapt.warmup_epochs=${adapt.max_epochs}"],
     "no generated-image id loss": ["model.loss.lambda_id=0"],
     "random classifier re-init": ["pseudo_label.init_classifier=random"],
+}
+# Each variant replaces part of the demo's settings by the official code's; "cross" pairing is the demo's.
+VARIANTS = {
+    "pairing=official": ["data.pairing=official"],
+    "official recipe": [
+        "data.pairing=official",
+        "model.appearance.bn_groups=official",
+        "model.loss.domain_reduction=sum",
+    ],
 }
 
 
@@ -67,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2)")
     parser.add_argument("--ablations", default="all", help="'all', 'none', or a comma list of indices into ABLATIONS")
     parser.add_argument("--ablation-seeds", help="comma list of the seeds that run the ablations (default: all)")
+    parser.add_argument(
+        "--variants", default="none", help="'all', 'none' (default), or a comma list of indices into VARIANTS"
+    )
     parser.add_argument("--work-dir", type=Path, default=HERE / "results" / "adaptation_gain")
     parser.add_argument("--json", type=Path, help="also write every run's figures to this JSON file")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. paths.data_dir=...)")
@@ -80,9 +95,14 @@ def main(argv: list[str] | None = None) -> None:
         chosen = []
     else:
         chosen = [names[int(i)] for i in args.ablations.split(",")]
+    variant_names = list(VARIANTS)
+    variants = {"all": variant_names, "none": []}.get(args.variants)
+    if variants is None:
+        variants = [variant_names[int(i)] for i in args.variants.split(",")]
 
     rows: dict[str, list[dict]] = {"direct transfer (source-only)": [], "DG-Net++ adapted": []}
     rows.update({f"DG-Net++, {name}": [] for name in chosen})
+    rows.update({f"DG-Net++ with {name}": [] for name in variants})
     times: dict[str, list[float]] = {"source": [], "adapt": []}
     # Every seed's full method first, then the ablations, so the headline rows are ready soonest.
     ckpts: dict[int, str] = {}
@@ -102,6 +122,13 @@ def main(argv: list[str] | None = None) -> None:
         times["adapt"].append(took)
         rows["DG-Net++ adapted"].append(res["adapt"])
         print(f"  seed {seed} DG-Net++ adapted: mAP {percent(res['adapt'], 'mAP'):.1f} ({took:.0f} s)", file=sys.stderr)
+    for seed in seeds:  # the variants, on every seed: they compare settings, not parts of the method
+        base = args.work_dir / f"seed{seed}"
+        for name in variants:
+            slug = "variant_" + name.replace(" ", "_").replace("=", "_")
+            res, took = run([*adapt_overrides(seed), *VARIANTS[name]], base / slug, base / f"{slug}.log")
+            rows[f"DG-Net++ with {name}"].append(res["adapt"])
+            print(f"  seed {seed} {name}: mAP {percent(res['adapt'], 'mAP'):.1f} ({took:.0f} s)", file=sys.stderr)
     for seed in (s for s in seeds if s in ablation_seeds):
         base = args.work_dir / f"seed{seed}"
         for name in chosen:
@@ -113,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     direct = {s: percent(r, "mAP") for s, r in zip(seeds, rows["direct transfer (source-only)"], strict=True)}
     table = []
     for label, results in rows.items():
-        run_seeds = seeds if label in ("direct transfer (source-only)", "DG-Net++ adapted") else ablation_seeds
+        run_seeds = ablation_seeds if label.startswith("DG-Net++, ") else seeds
         maps = [percent(r, "mAP") for r in results]
         gains = [m - direct[s] for m, s in zip(maps, run_seeds, strict=True)]
         gain = mean_std(gains) if label != "direct transfer (source-only)" else "-"
@@ -132,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"seeds": seeds, "ablation_seeds": ablation_seeds, "overrides": args.overrides}
+        payload["variants"] = {name: VARIANTS[name] for name in variants}
         payload.update(rows=rows, times=times)
         args.json.write_text(json.dumps(payload, indent=1))
 

@@ -8,6 +8,7 @@ generator per domain, a warm-up with domain-adversarial alignment, then self-tra
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -148,8 +149,12 @@ class DGNetPP(EvaluationHooks, pl.LightningModule):
 
     def _step_schedulers(self) -> None:
         scheds = self.lr_schedulers()
-        for sched in scheds if isinstance(scheds, list) else [scheds]:
-            sched.step()
+        with warnings.catch_warnings():
+            # Every scheduler counts iterations, also those where its optimiser did not step (a skipped aa batch,
+            # gen_b on aa): torch's warning about that order does not apply to iteration-counted milestones.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            for sched in scheds if isinstance(scheds, list) else [scheds]:
+                sched.step()
 
     def discriminator_step(
         self, fwd: objective.Forward, pair: objective.PairBatch, flags: objective.StepFlags
