@@ -1,16 +1,18 @@
 """Adaptation gain of the demo: direct transfer against DG-Net++ over several seeds, with and without the teacher
-terms, plus ablations.
+terms, plus ablations and variants.
 
 For each seed (which also draws the built-in data) it trains the demo's source stage once per teacher setting (the
-direct-transfer rows), then the demo's adapt stage from that checkpoint with the full method and with each ablation
-switched off in turn. With the teacher on (``model.loss.teacher_w=2``), the teacher stage runs once per seed (its
-own direct transfer is a row) and the source stage and the adaptation warm-up train with it. Every run goes through
+direct-transfer rows), then the demo's adapt stage from that checkpoint with the full method, with each ablation
+switched off in turn, and with each variant (the official batch mix, the official recipe as a whole) instead of the
+demo's settings. With the teacher on (``model.loss.teacher_w=2``), the teacher stage runs once per seed (its own
+direct transfer is a row) and the source stage and the adaptation warm-up train with it. Every run goes through
 ``python -m dgnetpp_pl experiment=demo`` in its own process, so the figures are exactly what ``make demo`` does.
 
     python bench/adaptation_gain.py                          # 3 seeds, teacher off and on, every ablation
     python bench/adaptation_gain.py --seeds 0 --teacher on --ablations 0,1,2,3
-    python bench/adaptation_gain.py --seeds 0 --ablations none debug=tiny   # a smoke run of every row
+    python bench/adaptation_gain.py --ablations none --variants all   # data.pairing=official against cross
     python bench/adaptation_gain.py --json bench/results/adaptation_gain.json
+    python bench/adaptation_gain.py --seeds 0 --ablations none --variants all debug=tiny   # a minutes-long check
 
 Figures are the target test mAP and Rank-1 (Market protocol) of each stage's final weights, in percent. The gain
 column is over the direct transfer of the same teacher setting (the checkpoint the adaptation starts from).
@@ -47,6 +49,15 @@ ABLATIONS = {
 IN_SOURCE_STAGE = ("no cycle loss", "no generated-image id loss")
 TEACHER_ON = ["model.loss.teacher_w=2"]
 SETTINGS = {"off": "", "on": ", with teacher"}
+# Each variant replaces part of the demo's settings by the official code's; "cross" pairing is the demo's.
+VARIANTS = {
+    "pairing=official": ["data.pairing=official"],
+    "official recipe": [
+        "data.pairing=official",
+        "model.appearance.bn_groups=official",
+        "model.loss.domain_reduction=sum",
+    ],
+}
 
 
 def run(overrides: list[str], out_dir: Path, log: Path) -> tuple[dict, float]:
@@ -81,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablations", default="all", help="'all', 'none', or a comma list of indices into ABLATIONS")
     parser.add_argument("--ablation-seeds", help="comma list of the seeds that run the ablations (default: all)")
     parser.add_argument("--ablate-source", action="store_true", help="also train the source stage without the part")
+    parser.add_argument(
+        "--variants", default="none", help="'all', 'none' (default), or a comma list of indices into VARIANTS"
+    )
     parser.add_argument("--work-dir", type=Path, default=HERE / "results" / "adaptation_gain")
     parser.add_argument("--json", type=Path, help="also write every run's figures to this JSON file")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. paths.data_dir=...)")
@@ -95,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
         chosen = []
     else:
         chosen = [names[int(i)] for i in args.ablations.split(",")]
+    variant_names = list(VARIANTS)
+    variants = {"all": variant_names, "none": []}.get(args.variants)
+    if variants is None:
+        variants = [variant_names[int(i)] for i in args.variants.split(",")]
 
     rows: dict[str, list[dict]] = {}
     # label -> (the direct-transfer row its gain is measured against, its seeds)
@@ -111,6 +129,11 @@ def main(argv: list[str] | None = None) -> None:
             label = f"DG-Net++{SETTINGS[setting]}, {name}"
             rows[label] = []
             basis[label] = (f"direct transfer (source-only){SETTINGS[setting]}", ablation_seeds)
+    for setting in settings:
+        for name in variants:
+            label = f"DG-Net++{SETTINGS[setting]} with {name}"
+            rows[label] = []
+            basis[label] = (f"direct transfer (source-only){SETTINGS[setting]}", seeds)
     times: dict[str, list[float]] = {k: [] for k in ("teacher", "source", "source_teacher", "adapt", "adapt_teacher")}
     teachers: dict[int, str] = {}
     sources: dict[tuple[int, str], str] = {}
@@ -151,6 +174,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  seed {seed} direct transfer{suffix}: mAP {percent(src, 'mAP'):.1f}", file=sys.stderr)
             adapted = adapt_run(seed, setting, src["ckpt"], [], f"adapted_teacher_{setting}")
             rows[f"DG-Net++ adapted{suffix}"].append(adapted)
+    for seed in seeds:  # the variants, on every seed: they compare settings, not parts of the method
+        for setting in settings:
+            for name in variants:
+                slug = "variant_" + name.replace(" ", "_").replace("=", "_") + f"_teacher_{setting}"
+                result = adapt_run(seed, setting, sources[seed, setting], VARIANTS[name], slug)
+                rows[f"DG-Net++{SETTINGS[setting]} with {name}"].append(result)
     for seed in (s for s in seeds if s in ablation_seeds):
         for setting in settings:
             for name in chosen:
@@ -190,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"seeds": seeds, "ablation_seeds": ablation_seeds, "overrides": args.overrides}
+        payload["variants"] = {name: VARIANTS[name] for name in variants}
         payload.update(teacher=settings, ablate_source=args.ablate_source, rows=rows, times=times)
         args.json.write_text(json.dumps(payload, indent=1))
 

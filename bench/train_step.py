@@ -1,14 +1,17 @@
 """Training-step benchmark: one DG-Net++ iteration (D step + G step), ours against the official structure.
 
-For each phase (source stage, adapt warm-up, adapt self-training) it times our iteration (the module's own
+For each phase (source stage, adapt warm-up, adapt self-training) and batch type (ab: source + target; aa: two
+source halves; bb: two target halves, as in the official batch mix) it times our iteration (the module's own
 ``discriminator_step`` / ``generator_step`` on one shared ``objective.forward_pair``, then the scheduler
 steps, as ``DGNetPP.training_step`` does) and the straightforward official-structured iteration of
-``tests/reference_step.py``, both against a warm torchvision ResNet-50 forward+backward at batch 8. It counts
-the network passes of one iteration (appearance-encoder calls and their batch sizes, decoder, structure
-encoder and image-discriminator calls, frozen re-encodings, deep copies). Each configuration runs in its own
-process, so each peak RSS is its own.
+``tests/reference_step.py`` (the official ``gen_update_*`` / ``dis_update_*`` of that type), both against a warm
+torchvision ResNet-50 forward+backward at batch 8. It counts the network passes of one iteration
+(appearance-encoder calls and their batch sizes, decoder, structure encoder and image-discriminator calls, frozen
+re-encodings, deep copies). Each configuration runs in its own process, so each peak RSS is its own. The source
+stage trains aa batches only; self-training skips aa batches (adapt.aa_drop), so that case is not timed.
 
-    python bench/train_step.py                        # paper size (256x128, ResNet-50, batch 8 + 8), CPU
+    python bench/train_step.py                        # paper size (256x128, ResNet-50, batch 8 + 8), CPU, ab
+    python bench/train_step.py --types aa,ab,bb --phases warmup,self_training --iters 2
     python bench/train_step.py --model dgnetpp_small --iters 5
     python bench/train_step.py --device cuda --precision bf16 [--channels-last]
     python bench/train_step.py --model dgnetpp_small --phases source,warmup --teacher   # with the teacher terms
@@ -39,11 +42,14 @@ sys.path[:0] = [str(HERE.parent / "src"), str(HERE), str(HERE.parent / "tests")]
 from _common import FlopCount, emit, print_table, run_worker  # noqa: E402
 
 PHASES = ("source", "warmup", "self_training")
+TYPES = ("aa", "ab", "bb")
 PATHS = ("ours", "ref")
 # Source ids (DukeMTMC-reID) and target clusters (k-means k) of the paper-size run; small: the demo's sizes.
 CLASSES = {"dgnetpp": (702, 700), "dgnetpp_small": (100, 50)}
 IMAGE_SIZE = {"dgnetpp": (256, 128), "dgnetpp_small": (128, 64)}
 OFFICIAL = "official code on this CPU (reference doc s11): D 3.1 s + G 15.1 s; 31-45x ResNet-50; 15.3-16.9 GB"
+# The official implementation's own CPU time per iteration on this kind of machine, per batch type (seconds).
+OFFICIAL_TYPE_S = {"aa": "20.2", "ab": "17.7-18.7", "bb": "14.0-15.8"}
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -173,8 +179,18 @@ def timed_frozen_calls(acc: dict[str, float], device: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------- workers
-def _build(args: argparse.Namespace, phase: str) -> tuple[Any, Any, Any, dict, list]:
-    """Module on the device, its pair batch and flags, named optimisers and schedulers."""
+def cases(args: argparse.Namespace) -> list[str]:
+    """``<path>-<phase>-<type>`` of every requested combination that training runs: the source stage trains aa
+    batches only, self-training skips its aa batches (adapt.aa_drop)."""
+    out = []
+    for phase in args.phases:
+        kinds = ["aa"] if phase == "source" else [k for k in args.types if (phase, k) != ("self_training", "aa")]
+        out += [f"{path}-{phase}-{kind}" for kind in kinds for path in args.paths]
+    return out
+
+
+def _build(args: argparse.Namespace, phase: str, kind: str) -> tuple[Any, Any, Any, dict, list]:
+    """Module on the device, its pair batch and flags for batch type ``kind``, named optimisers and schedulers."""
     import torch
 
     from dgnetpp_pl.inference import build_model
@@ -210,8 +226,10 @@ def _build(args: argparse.Namespace, phase: str) -> tuple[Any, Any, Any, dict, l
         return {"image": img(), "pos": img(), "label": labels}
 
     b = args.batch
-    if phase == "source":
+    if phase == "source" or kind == "aa":
         batch = {"source": half(2 * b, n_src)}
+    elif kind == "bb":
+        batch = {"target": half(2 * b, k)}
     else:
         batch = {"source": half(b, n_src), "target": half(b, k)}
     pair, flags = module._pair_from_batch(batch)
@@ -225,11 +243,12 @@ def _ours_iteration(module: Any, pair: Any, flags: Any, scheds: list, args: argp
     w = module.cfg.loss
     acc: dict[str, float] = {}
     c0, t0 = time.process_time(), time.perf_counter()
+    gen_a, gen_b = objective.generators_for(flags.batch_type, module.gen_a, module.gen_b_or_a)
     with timed_frozen_calls(acc, args.device), _autocast(args.device, args.precision):
         fwd = objective.forward_pair(
-            module.e_app, module.gen_a, module.gen_b_or_a, pair, flags,
+            module.e_app, gen_a, gen_b, pair, flags,
             erasing_p=w.erasing_p, structure_detach_p=w.structure_detach_p,
-            joint_call=module.cfg.appearance.joint_call, teacher=module.teacher,
+            bn_groups=module.cfg.appearance.bn_groups, teacher=module.teacher,
         )  # fmt: skip
         _sync(args.device)
         t1 = time.perf_counter()
@@ -274,11 +293,11 @@ def _ref_iteration(
 
 
 def step_worker(case: str, args: argparse.Namespace) -> dict:
-    """Median times of ``args.iters`` iterations of one (path, phase) after warm-up; passes counted once."""
+    """Median times of ``args.iters`` iterations of one (path, phase, type) after warm-up; passes counted once."""
     import torch
 
-    path, phase = case.split("-", 1)
-    module, pair, flags, named, scheds = _build(args, phase)
+    path, phase, kind = case.split("-")
+    module, pair, flags, named, scheds = _build(args, phase, kind)
     # The module's steps use the trainer's optimiser handles and backward; give them the plain ones.
     module._named_optimizers = lambda: named
     module.manual_backward = lambda loss: loss.backward()
@@ -382,15 +401,18 @@ def _calls(sizes: list[int]) -> str:
 
 
 def _rows(results: dict[str, dict], args: argparse.Namespace) -> list[tuple[str, str, dict]]:
-    pairs = [(phase, path) for phase in args.phases for path in args.paths]
-    return [(ph, pa, results[f"{pa}-{ph}"]) for ph, pa in pairs if f"{pa}-{ph}" in results]
+    """``(phase/type, path, result)`` in table order."""
+    keys = [(ph, kind, pa) for ph in args.phases for kind in TYPES for pa in args.paths]
+    return [
+        (f"{ph}/{kind}", pa, results[f"{pa}-{ph}-{kind}"]) for ph, kind, pa in keys if f"{pa}-{ph}-{kind}" in results
+    ]
 
 
 def report(results: dict[str, dict], args: argparse.Namespace) -> None:
     """Print the timing table, the pass-count table and the before/after summary."""
     base = results["baseline"]
     cuda = args.device.startswith("cuda")
-    header = ["phase", "path", "iter s", "CPU s", "forward s", "D step s", "G step s", "re-encode s"]
+    header = ["phase/type", "path", "iter s", "CPU s", "forward s", "D step s", "G step s", "re-encode s"]
     cl = "cl_total_s" in base
     header += ["x ResNet-50", "x (CPU)"] + (["x channels-last ResNet-50"] if cl else [])
     header += (["it/s", "GPU peak GB"] if cuda else []) + ["peak RSS GB"]
@@ -421,7 +443,7 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
         "optimiser steps. ref: the D step re-runs its own forward. CPU s counts all threads (steadier than\n"
         "wall time on a shared machine)."
     )
-    count_header = ["phase", "path", "E_app live", "E_app frozen", "E_str live", "E_str frozen", "decoder"]
+    count_header = ["phase/type", "path", "E_app live", "E_app frozen", "E_str live", "E_str frozen", "decoder"]
     count_header += ["D_img", "D_dom", "teacher", "deep copies"]
     count_rows = []
     for phase, path, r in _rows(results, args):
@@ -442,7 +464,7 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
         base_rate = base["gflop"] / base["total_s"]
         print_table(
             "Work in one iteration: convolutions and matrix products, forward and backward, as run",
-            ["phase", "path", "GFLOP", "x ResNet-50 GFLOP", "GFLOP/s", "x ResNet-50 time"],
+            ["phase/type", "path", "GFLOP", "x ResNet-50 GFLOP", "GFLOP/s", "x ResNet-50 time"],
             work_rows,
         )
         print(
@@ -451,14 +473,26 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
             "the GFLOP ratio needs the iteration to run faster per FLOP than ResNet-50 itself. Forwards that\n"
             "activation checkpointing recomputes in backward are in the count."
         )
+    ratio_rows = []
     for phase in args.phases:
-        ours, ref = results.get(f"ours-{phase}"), results.get(f"ref-{phase}")
-        if ours and ref:
+        for kind in TYPES:
+            ours, ref = results.get(f"ours-{phase}-{kind}"), results.get(f"ref-{phase}-{kind}")
+            if not (ours and ref):
+                continue
             r_wall, o_wall, r_cpu, o_cpu = ref["total_s"], ours["total_s"], ref["cpu_s"], ours["cpu_s"]
-            wall = f"{r_wall:.2f} -> {o_wall:.2f} s ({r_wall / o_wall:.2f}x)"
-            cpu = f"{r_cpu:.2f} -> {o_cpu:.2f} s ({r_cpu / o_cpu:.2f}x)"
-            rss = f"{ref['peak_rss_gb']:.1f} -> {ours['peak_rss_gb']:.1f} GB"
-            print(f"{phase}: official-structured -> ours: wall {wall}, CPU {cpu}, peak RSS {rss}")
+            official = OFFICIAL_TYPE_S[kind] if phase != "source" else "-"
+            ratio_rows.append(
+                [f"{phase}/{kind}", r_cpu, o_cpu, o_cpu / r_cpu, r_wall, o_wall, o_wall / r_wall, official]
+                + [ref["peak_rss_gb"], ours["peak_rss_gb"]]
+            )
+    if ratio_rows:
+        print_table(
+            "Ours against the official structure on our networks, per batch type (ratio = ours / official structure)",
+            ["phase/type", "ref CPU s", "ours CPU s", "CPU ratio", "ref wall s", "ours wall s", "wall ratio"]
+            + ["official code CPU s", "ref peak RSS GB", "ours peak RSS GB"],
+            ratio_rows,
+        )
+        print("official code CPU s: the official implementation's own time per iteration on this kind of machine.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -478,11 +512,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="model config override, e.g. --set decoder.checkpoint=true --set appearance.joint_call=true",
+        help="model config override, e.g. --set decoder.checkpoint=true --set appearance.bn_groups=official",
     )
     parser.add_argument("--teacher", action="store_true", help="the teacher terms on (model.loss.teacher_w=2)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {PHASES}")
+    parser.add_argument(
+        "--types", default="ab", help=f"adapt batch types, comma list of {TYPES} (default ab; the source stage: aa)"
+    )
     parser.add_argument("--paths", default="ours,ref", help="comma list: ours, ref (official-structured)")
     parser.add_argument(
         "--default-malloc", action="store_true", help="leave glibc malloc as is (training's keep_freed_memory=false)"
@@ -496,9 +533,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.phases = [p for p in args.phases.split(",") if p]
     args.paths = [p for p in args.paths.split(",") if p]
+    args.types = [t for t in args.types.split(",") if t]
     bad = [p for p in args.phases if p not in PHASES] + [p for p in args.paths if p not in PATHS]
+    bad += [t for t in args.types if t not in TYPES]
     if bad:
-        parser.error(f"unknown phase/path {bad}; phases: {PHASES}, paths: {PATHS}")
+        parser.error(f"unknown phase/path/type {bad}; phases: {PHASES}, paths: {PATHS}, types: {TYPES}")
     if args.warmup < 1 or args.iters < 1:
         parser.error("--warmup and --iters must be >= 1 (the first warm-up iteration counts the passes)")
     return args
@@ -519,9 +558,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         emit(run_case(args.worker, args))
         return
-    cases = ["baseline"] + [f"{path}-{phase}" for phase in args.phases for path in args.paths]
     results: dict[str, dict] = {}
-    for case in cases:
+    for case in ["baseline", *cases(args)]:
         start = time.perf_counter()
         if args.in_process:
             results[case] = {**run_case(case, args), "peak_rss_gb": float("nan")}

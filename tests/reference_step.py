@@ -3,10 +3,16 @@
 Every term is computed on its own: the D step re-runs the generator forward and detaches the fakes, the G step
 calls the appearance encoder once per image group (x_a, x_b, xp_a, xp_b and their erased copies, and each detached
 fake of the teacher terms), the teacher on each image and its mirror image, the decoders once per image,
-deep-copies the appearance encoder (and, in the frozen branch, the structure encoders) to
-re-encode the fakes, and calls the image discriminator once per (fake, real) pair. Loss keys and weights match
-:func:`dgnetpp_pl.objective.generator_losses` and :func:`dgnetpp_pl.objective.image_d_loss`, so the optimised
-path can be checked against this one term by term (tests/test_equivalence.py) and timed against it
+deep-copies the appearance encoder (and, in the frozen branch, the structure encoders) to re-encode the fakes, and
+calls the image discriminator once per (fake, real) pair. Each batch type is its own official function:
+``gen_update_aa`` (DG-Net on two source halves with ``gen_a``), ``gen_update_ab`` and ``gen_update_bb`` (two target
+halves with ``gen_b``), and the matching ``dis_update_*``; which terms a type has is written out here from the
+official code, not taken from the optimised path's flags (only the batch type, whether target ids are on
+(``flags.b_ids``, the official ``id_tgt``), whether the domain discriminator trains (``flags.steps_d_dom``, the
+official ``id_adv_w > 0``), whether the teacher terms are on (``flags.teacher``) and the active classes are read from
+them). Loss keys and weights match :func:`dgnetpp_pl.objective.generator_losses` and
+:func:`dgnetpp_pl.objective.image_d_loss`, so the optimised path can be checked against this one term by term
+(tests/test_equivalence.py) and timed against it
 (bench/train_step.py). It shares the networks and the batch types with the optimised path, no loss or
 forward code.
 """
@@ -115,6 +121,19 @@ def _frozen_copy(module: nn.Module, stats: dict[str, float] | None) -> nn.Module
     return twin
 
 
+def _generators(nets: Nets, batch_type: str) -> tuple[Generator, Generator]:
+    """The official trainer's generators per type: aa uses gen_a twice, bb gen_b twice, ab one of each."""
+    if batch_type == "aa":
+        return nets.gen_a, nets.gen_a
+    if batch_type == "bb":
+        return nets.gen_b, nets.gen_b
+    return nets.gen_a, nets.gen_b
+
+
+# Domain discriminator targets of the two halves (official calc_dis_loss_aa / _ab / _bb): source 0, target 1.
+_DOMAIN_TARGETS = {"aa": (0.0, 0.0), "ab": (0.0, 1.0), "bb": (1.0, 1.0)}
+
+
 def _sync(x: Tensor) -> None:
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
@@ -127,27 +146,30 @@ def reference_d_losses(
     flags: StepFlags,
     w: dict[str, Any],
 ) -> dict[str, Tensor]:
-    """D step (official ``dis_update``): re-run the generator forward, detach the fakes, D per (fake, real).
+    """D step (official ``dis_update_aa / _ab / _bb``): re-run the generator forward, detach the fakes, D per
+    (fake, real).
 
     Keys: ``d_img_gan``, ``d_img_r1``, ``d_img_total`` and, in the warm-up, ``d_dom``.
     """
-    s_a = nets.gen_a.encode(batch.x_a)
-    s_b = nets.gen_b.encode(batch.x_b)
+    gen_a, gen_b = _generators(nets, flags.batch_type)
+    s_a = gen_a.encode(batch.x_a)
+    s_b = gen_b.encode(batch.x_b)
     out_a: AppearanceOutput = nets.e_app(batch.x_a)
     out_b: AppearanceOutput = nets.e_app(batch.x_b)
-    x_ba = nets.gen_b.decode(s_b, out_a.code)
-    x_ab = nets.gen_a.decode(s_a, out_b.code)
+    x_ba = gen_b.decode(s_b, out_a.code)
+    x_ab = gen_a.decode(s_a, out_b.code)
     gan_ba, r1_a = _dis_pair(nets.d_img, x_ba.detach(), batch.x_a)
     gan_ab, r1_b = _dis_pair(nets.d_img, x_ab.detach(), batch.x_b)
     out = {"d_img_gan": w["gan"] * (gan_ba + gan_ab)}
     if w["r1"] > 0:
         out["d_img_r1"] = w["gan"] * w["r1"] * (r1_a + r1_b)
     out["d_img_total"] = sum(out.values())
-    if flags.domain_adv and nets.d_dom is not None:
+    if flags.steps_d_dom and nets.d_dom is not None:  # official: id_adv_w > 0 (round 0), every batch type
         red = w["domain_reduction"]
-        d_src = nets.d_dom(out_a.feat.detach()).float()
-        d_tgt = nets.d_dom(out_b.feat.detach()).float()
-        out["d_dom"] = w["domain_adv"] * (_reduce(d_src.pow(2), red) + _reduce((d_tgt - 1).pow(2), red))
+        label_a, label_b = _DOMAIN_TARGETS[flags.batch_type]
+        d_a = nets.d_dom(out_a.feat.detach()).float()
+        d_b = nets.d_dom(out_b.feat.detach()).float()
+        out["d_dom"] = w["domain_adv"] * (_reduce((d_a - label_a).pow(2), red) + _reduce((d_b - label_b).pow(2), red))
     return out
 
 
@@ -163,7 +185,8 @@ def reference_g_losses(
     stats: dict[str, float] | None = None,
     teacher: nn.Module | None = None,
 ) -> dict[str, Tensor]:
-    """G step (official ``gen_update``) with the same keys and weights as ``objective.generator_losses``.
+    """G step (official ``gen_update_aa / _ab / _bb``) with the same keys and weights as
+    ``objective.generator_losses``.
 
     ``erase`` maps one image group ``(B, 3, H, W)`` to its erased copy (default: random erasing with
     ``w["erasing_p"]``); ``structure_detached`` picks the structure re-encoding branch (default: a coin with
@@ -177,8 +200,10 @@ def reference_g_losses(
 
     if structure_detached is None:
         structure_detached = torch.rand((), generator=generator).item() < w["structure_detach_p"]
-    e_app, gen_a, gen_b = nets.e_app, nets.gen_a, nets.gen_b
+    e_app = nets.e_app
+    gen_a, gen_b = _generators(nets, flags.batch_type)
     n_cls = flags.num_active_classes
+    kind, id_tgt, id_adv = flags.batch_type, flags.b_ids, flags.steps_d_dom  # id_adv: id_adv_w > 0 (round 0)
 
     s_a = gen_a.encode(batch.x_a)
     s_b = gen_b.encode(batch.x_b)
@@ -213,9 +238,14 @@ def reference_g_losses(
 
     out: dict[str, Tensor] = {}
     out["recon_x"] = w["recon_x"] * (_l1(x_a_recon, batch.x_a) + _l1(x_b_recon, batch.x_b))
-    out["recon_xp"] = w["recon_xp"] * _l1(x_a_recon_p, batch.x_a)
-    if flags.recon_xp_b > 0:
-        out["recon_xp"] = out["recon_xp"] + flags.recon_xp_b * _l1(x_b_recon_p, batch.x_b)
+    # Positive reconstruction: recon_xp_w on a source half, recon_xp_w * recon_xp_tgt_w (ours: recon_xp_tgt) on a
+    # target half. The source a half of aa and ab always has the term; a target half only when its weight is on.
+    w_xp_a = w["recon_xp_tgt"] if kind == "bb" else w["recon_xp"]
+    w_xp_b = w["recon_xp"] if kind == "aa" else w["recon_xp_tgt"]
+    recon_xp = [w_xp_a * _l1(x_a_recon_p, batch.x_a)] if kind != "bb" or w_xp_a > 0 else []
+    recon_xp += [w_xp_b * _l1(x_b_recon_p, batch.x_b)] if w_xp_b > 0 else []
+    if recon_xp:
+        out["recon_xp"] = sum(recon_xp)
     out["recon_s"] = w["recon_s"] * (_l1(s_a_recon, s_a) + _l1(s_b_recon, s_b))
     out["recon_f"] = w["recon_f"] * (_l1(re_ba.code, f_a) + _l1(re_ab.code, f_b))
     out["cycle"] = w["lambda_cyc"] * (_l1(x_aba, batch.x_a) + _l1(x_bab, batch.x_b))
@@ -223,32 +253,47 @@ def reference_g_losses(
     out["gan"] = w["gan"] * (_gen_adv(nets.d_img, x_ba, scale) + _gen_adv(nets.d_img, x_ab, scale))
     l_a, l_b = batch.l_a, batch.l_b
     fine = w["fine_grained"]
-    out["id_s1"] = w["id"] * (_ce(er_a.logits[0], l_a, n_cls) + fine * _ce(er_a.logits[1], l_a, n_cls))
-    out["pid"] = w["pid"] * _ce(er_pa.logits[0], l_a, n_cls)
-    out["id_s2"] = w["lambda_id"] * _ce(re_ba.logits[0], l_a, n_cls)
-    if flags.b_ids:
-        out["id_t1"] = w["id"] * (_ce(er_b.logits[0], l_b, n_cls) + fine * _ce(er_b.logits[1], l_b, n_cls))
+
+    def id_terms(er: AppearanceOutput, labels: Tensor) -> Tensor:
+        return w["id"] * (_ce(er.logits[0], labels, n_cls) + fine * _ce(er.logits[1], labels, n_cls))
+
+    # aa: ids, pids and recon ids on both source halves; ab: on the source half, and on the target half with
+    # id_tgt (no target pid: tgt_pos 0); bb: none in warm-up, ids and recon ids on both halves with id_tgt, no pid.
+    a_ids = kind != "bb" or id_tgt
+    b_ids = kind == "aa" or id_tgt
+    if a_ids:
+        out["id_s1"] = id_terms(er_a, l_a)
+    if kind != "bb":
+        out["pid"] = w["pid"] * _ce(er_pa.logits[0], l_a, n_cls)
+        if kind == "aa":
+            out["pid"] = out["pid"] + w["pid"] * _ce(er_pb.logits[0], l_b, n_cls)
+    if a_ids:
+        out["id_s2"] = w["lambda_id"] * _ce(re_ba.logits[0], l_a, n_cls)
+    if b_ids:
+        out["id_t1"] = id_terms(er_b, l_b)
         out["id_t2"] = w["lambda_id"] * _ce(re_ab.logits[0], l_b, n_cls)
-    if flags.pid_b:
-        out["pid"] = out["pid"] + w["pid"] * _ce(er_pb.logits[0], l_b, n_cls)
-    if flags.domain_adv and nets.d_dom is not None:
-        d_t = nets.d_dom(out_b.feat).float()
-        out["domain_adv"] = w["domain_adv"] * w["domain_g_scale"] * _reduce(d_t.pow(2), w["domain_reduction"])
-    if flags.teacher:
+    # Domain adversarial (warm-up): on the target half of ab, the mean over both target halves of bb, none in aa.
+    if id_adv and kind != "aa" and nets.d_dom is not None:
+        red = w["domain_reduction"]
+        adv = w["domain_g_scale"] * _reduce(nets.d_dom(out_b.feat).float().pow(2), red)
+        if kind == "bb":
+            adv = (adv + w["domain_g_scale"] * _reduce(nets.d_dom(out_a.feat).float().pow(2), red)) / 2
+        out["domain_adv"] = w["domain_adv"] * adv
+    # Teacher terms (official gen_update_aa / _ab; none in bb): the live encoder on each detached fake in its own call.
+    if flags.teacher and kind != "bb":
         if teacher is None:
             raise ValueError("reference_g_losses: flags.teacher is set but no teacher was given")
-        # Official gen_update_aa / _ab: the live encoder on each detached fake in its own call.
         x_ba_copy, x_ab_copy = x_ba.detach(), x_ab.detach()
         st_ba, st_ab = e_app(x_ba_copy), e_app(x_ab_copy)
         n_all = st_ba.logits[0].shape[1]
         kl = _teacher_kl(st_ba.logits[0], _teacher_label(teacher, x_ba_copy, n_all), n_cls)
-        if flags.batch_type == "aa":
+        if kind == "aa":
             kl = kl + _teacher_kl(st_ab.logits[0], _teacher_label(teacher, x_ab_copy, n_all), n_cls)
-            fine = _ce(st_ba.logits[1], l_b, n_cls) + _ce(st_ab.logits[1], l_a, n_cls)
+            fine_fake = _ce(st_ba.logits[1], l_b, n_cls) + _ce(st_ab.logits[1], l_a, n_cls)
         else:
-            fine = _ce(st_ab.logits[1], l_a, n_cls)
+            fine_fake = _ce(st_ab.logits[1], l_a, n_cls)
         out["teacher_kl"] = w["teacher_w"] * w["teacher_kl_w"] * kl
-        out["teacher_b"] = w["teacher_w"] * w["teacher_b_w"] * fine
+        out["teacher_b"] = w["teacher_w"] * w["teacher_b_w"] * fine_fake
     out["g_total"] = sum(out.values())
     return out
 
@@ -305,7 +350,9 @@ def reference_iteration(
         opt.zero_grad(set_to_none=True)
     g_losses = reference_g_losses(nets, batch, flags, w, generator=generator, stats=stats, teacher=teacher)
     g_losses["g_total"].backward()
-    for name in ("gen_a", "gen_b", "e_app"):
+    # Only the type's networks step (official: aa gen_a + id, ab gen_a + gen_b + id, bb gen_b + id).
+    stepped = {"aa": ("gen_a", "e_app"), "ab": ("gen_a", "gen_b", "e_app"), "bb": ("gen_b", "e_app")}
+    for name in stepped[flags.batch_type]:
         if name in optimizers:
             optimizers[name].step()
     _sync(batch.x_a)

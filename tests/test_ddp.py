@@ -64,6 +64,61 @@ def datamodule(tiny_overrides: list[str], tmp_path_factory: pytest.TempPathFacto
     return dm
 
 
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def ddp_official_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_overrides: list[str], tiny_source_ckpt: Path
+) -> Path:
+    """The tiny adapt stage with the official batch mix on 2 gloo processes, every train batch recorded per rank
+    (``tests/batch_probe.py``); shares that give each rank ab batches too. Returns the run directory."""
+    cwd = tmp_path_factory.mktemp("ddp_official")
+    run = cwd / "run"
+    args = [*tiny_overrides, "stage=adapt", f"init_ckpt={tiny_source_ckpt}", "trainer=ddp_sim", f"hydra.run.dir={run}"]
+    args += ["data.pairing=official", "data.xx_port=0.7", "data.ab_port=0.3", "trainer.limit_train_batches=null"]
+    args += ["+callbacks.probe._target_=batch_probe.BatchRecorder", f"+callbacks.probe.out_dir={run / 'probe'}"]
+    args.append("allowed_targets=[dgnetpp_pl,torch,torchvision,pytorch_lightning,batch_probe]")
+    path = os.pathsep.join([str(TESTS.parent / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "dgnetpp_pl", *args],
+        cwd=cwd,
+        env={**clean_env(), "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    (cwd.parent / f"{cwd.name}.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return run
+
+
+def test_official_mix_ranks_draw_the_same_type_at_every_step_on_the_same_labels(ddp_official_run: Path) -> None:
+    ranks = [json.loads((ddp_official_run / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) > 0
+    for a, b in zip(*ranks, strict=True):
+        assert (a["epoch"], a["step"], a["kind"]) == (b["epoch"], b["step"], b["kind"])
+        # An image takes one first and one second place per epoch (official), so the ranks' halves are disjoint
+        # place by place: the first halves of aa / bb apart from the second halves, each domain of ab apart.
+        for domain in ("source", "target"):
+            x, y = a.get(domain, []), b.get(domain, [])
+            halves = [(x[: len(x) // 2], y[: len(y) // 2]), (x[len(x) // 2 :], y[len(y) // 2 :])]
+            for p, q in halves if a["kind"] in ("aa", "bb") else [(x, y)]:
+                assert not set(p) & set(q), f"ranks share {domain} images in one place at {a}"
+    kinds = {e: {s["kind"] for s in ranks[0] if s["epoch"] == e} for e in (0, 1)}
+    assert kinds[0] == {"aa", "ab", "bb"}, "warm-up trains every type"
+    assert kinds[1] == {"skip", "ab", "bb"}, "self-training skips its aa batches"
+
+    ckpt = load_checkpoint(ddp_official_run / "checkpoints" / "adapt" / "final.ckpt")
+    (state,) = (v for k, v in ckpt["callbacks"].items() if "PseudoLabelCallback" in k)
+    labels = state["labels"].numpy()
+    digest = zlib.crc32(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    assert state["rank_digests"] == [[digest, digest]]
+    for rank in ranks:
+        trained = [s for s in rank if s["epoch"] == 1 and "target" in s]
+        assert trained and all(s["target_label"] == labels[s["target"]].tolist() for s in trained)
+
+
 def run_dirs(cwd: Path) -> list[Path]:
     return sorted((cwd / "outputs" / "demo" / "runs").iterdir())
 

@@ -8,7 +8,8 @@ exact:
 - BatchNorm runs on running statistics (eval mode). The optimised path batches several image groups through
   one appearance-encoder call and both fakes through one frozen re-encoding, while the official structure
   calls the encoder per group, so batch statistics differ by design (BN grouping is a documented config
-  choice).
+  choice). With ``model.appearance.bn_groups=official`` the optimised path calls the encoder per group too, and
+  those cases run BatchNorm in train mode (batch statistics), as training does.
 - Dropout is off (eval mode): its masks are random and drawn in a different order by the two paths.
 - Random erasing is replaced by a fixed per-sample rectangle (its position depends on the sample itself, so
   the result does not depend on how the samples are grouped), and the structure re-encoding coin is forced
@@ -39,23 +40,52 @@ N_SRC, CAPACITY, N_CLUSTERS = 6, 5, 4  # masking active in self-training: 6 + 4 
 # depending on the BLAS thread split. In float64 the gradients agree to ~1e-14; the loss values only to float32
 # rounding, because the GAN terms are computed in float32 by design.
 TOLERANCES = {torch.float32: (1e-4, 1e-5, 1e-2), torch.float64: (1e-7, 1e-9, 1e-10)}
+# The id losses' cross entropy also runs in float32 (by design, as the GAN terms). Two target halves with recon-id
+# terms (bb in self-training) send enough of its float32 rounding into the generators to reach ~1e-10 of their
+# gradient scale in float64 (measured: 1.3e-10; 0 difference with lambda_id=0), so the per-type cases allow 1e-9.
+TYPE_GRAD_TOL = {torch.float32: 1e-2, torch.float64: 1e-9}
 CASES = [
-    pytest.param(phase, detach_p, torch.float32, True, "default", id=f"{phase}-{branch}-fp32")
+    pytest.param(phase, detach_p, torch.float32, "joint", "default", id=f"{phase}-{branch}-fp32")
     for phase in ("source", "warmup", "self_training")
     for detach_p, branch in ((0.0, "frozen-encoder"), (1.0, "detached-fake"))
 ] + [
-    pytest.param("self_training", 0.0, torch.float64, True, "default", id="self_training-frozen-encoder-fp64"),
-    # Separate no-grad encoder call for the images whose outputs need no gradient (model.appearance.joint_call).
-    pytest.param("source", 0.0, torch.float32, False, "default", id="source-split-call-fp32"),
-    pytest.param("warmup", 1.0, torch.float32, False, "default", id="warmup-split-call-fp32"),
-    pytest.param("self_training", 0.0, torch.float64, False, "default", id="self_training-split-call-fp64"),
+    pytest.param("self_training", 0.0, torch.float64, "joint", "default", id="self_training-frozen-encoder-fp64"),
+    # Separate no-grad encoder call for the images whose outputs need no gradient (model.appearance.bn_groups=split).
+    pytest.param("source", 0.0, torch.float32, "split", "default", id="source-split-call-fp32"),
+    pytest.param("warmup", 1.0, torch.float32, "split", "default", id="warmup-split-call-fp32"),
+    pytest.param("self_training", 0.0, torch.float64, "split", "default", id="self_training-split-call-fp64"),
     # Every memory option on (checkpointed encoders and decoder) against plain networks: fused decoder paths
     # off, nothing recomputed.
-    pytest.param("source", 0.0, torch.float64, False, "lowmem", id="source-lowmem-vs-plain-fp64"),
-    pytest.param("self_training", 1.0, torch.float32, True, "lowmem", id="self_training-lowmem-vs-plain-fp32"),
+    pytest.param("source", 0.0, torch.float64, "split", "lowmem", id="source-lowmem-vs-plain-fp64"),
+    pytest.param("self_training", 1.0, torch.float32, "joint", "lowmem", id="self_training-lowmem-vs-plain-fp32"),
     # Channels-last networks (model.channels_last) against plain contiguous ones.
-    pytest.param("source", 0.0, torch.float64, True, "channels_last", id="source-channels-last-vs-plain-fp64"),
-    pytest.param("warmup", 1.0, torch.float32, False, "channels_last", id="warmup-channels-last-vs-plain-fp32"),
+    pytest.param("source", 0.0, torch.float64, "joint", "channels_last", id="source-channels-last-vs-plain-fp64"),
+    pytest.param("warmup", 1.0, torch.float32, "split", "channels_last", id="warmup-channels-last-vs-plain-fp32"),
+]
+# The official batch mix's other types in the adapt stage: aa (two source halves, gen_a twice; in self-training
+# only with adapt.aa_drop=false) and bb (two target halves, gen_b twice).
+TYPE_CASES = [
+    pytest.param(phase, kind, detach_p, dtype, "joint", id=f"{kind}-{phase}-{branch}-{str(dtype)[6:]}")
+    for phase, kind, detach_p, dtype in (
+        ("warmup", "aa", 0.0, torch.float32),
+        ("self_training", "aa", 1.0, torch.float64),
+        ("warmup", "bb", 1.0, torch.float32),
+        ("warmup", "bb", 0.0, torch.float64),
+        ("self_training", "bb", 0.0, torch.float32),
+        ("self_training", "bb", 1.0, torch.float64),
+    )
+    for branch in ["frozen-encoder" if detach_p == 0.0 else "detached-fake"]
+] + [
+    # One encoder call per image group (model.appearance.bn_groups=official) against the per-group reference, with
+    # BatchNorm on batch statistics.
+    pytest.param(phase, kind, detach_p, dtype, "official", id=f"{kind}-{phase}-official-bn-train-{str(dtype)[6:]}")
+    for phase, kind, detach_p, dtype in (
+        ("warmup", "ab", 0.0, torch.float32),
+        ("self_training", "ab", 1.0, torch.float64),
+        ("warmup", "aa", 1.0, torch.float32),
+        ("warmup", "bb", 0.0, torch.float32),
+        ("self_training", "bb", 1.0, torch.float64),
+    )
 ]
 MEMORY_OPTIONS = {
     "default": {},
@@ -89,7 +119,7 @@ def _images(n: int, g: torch.Generator, dtype: torch.dtype) -> Tensor:
     return nn.functional.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False).to(dtype)
 
 
-def _batch(stage: str, g: torch.Generator, dtype: torch.dtype) -> dict:
+def _batch(stage: str, g: torch.Generator, dtype: torch.dtype, kind: str = "ab") -> dict:
     def half(n: int, num_labels: int) -> dict:
         return {
             "image": _images(n, g, dtype),
@@ -97,12 +127,14 @@ def _batch(stage: str, g: torch.Generator, dtype: torch.dtype) -> dict:
             "label": torch.randint(num_labels, (n,), generator=g),
         }
 
-    if stage == "source":
+    if stage == "source" or kind == "aa":
         return {"source": half(2 * B, N_SRC)}
+    if kind == "bb":
+        return {"target": half(2 * B, N_CLUSTERS)}
     return {"source": half(B, N_SRC), "target": half(B, N_CLUSTERS)}
 
 
-def _build(cfg: dict, phase: str, dtype: torch.dtype, with_teacher: bool = False) -> DGNetPP:
+def _build(cfg: dict, phase: str, dtype: torch.dtype, with_teacher: bool = False, bn_train: bool = False) -> DGNetPP:
     torch.manual_seed(0)
     stage, warmup = ("source" if phase == "source" else "adapt"), (1 if phase == "warmup" else 0)
     schedule = AdaptSchedule(stage, warmup_epochs=warmup, with_teacher=with_teacher)
@@ -110,8 +142,9 @@ def _build(cfg: dict, phase: str, dtype: torch.dtype, with_teacher: bool = False
     if phase == "self_training":
         module.set_target_classes(N_CLUSTERS)
     module.to(dtype).train()
+    frozen_modes = nn.Dropout if bn_train else nn.Dropout | nn.modules.batchnorm._BatchNorm
     for m in module.modules():
-        if isinstance(m, nn.Dropout | nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, frozen_modes):
             m.eval()
     return module
 
@@ -172,47 +205,39 @@ def _with(cfg: dict, options: dict) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize(("phase", "detach_p", "dtype", "joint_call", "memory"), CASES)
-def test_optimised_iteration_equals_reference(
-    small_cfg: dict,
-    phase: str,
+def _compare(
+    module: DGNetPP,
+    plain: DGNetPP,
+    batch: dict,
+    cfg: dict,
     detach_p: float,
     dtype: torch.dtype,
-    joint_call: bool,
-    memory: str,
+    bn_groups: str,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Every D and G loss term and the gradients of D_img, D_dom, G_a, G_b and E_app agree."""
-    rtol, atol, grad_tol = TOLERANCES[dtype]
-    cfg = copy.deepcopy(small_cfg)
-    cfg["loss"]["structure_detach_p"] = detach_p
+    grad_tol: float | None = None,
+) -> tuple[objective.StepFlags, dict, dict]:
+    """Our losses and gradients against the reference's on one batch; returns the flags and our D and G terms."""
+    rtol, atol, default_grad_tol = TOLERANCES[dtype]
+    grad_tol = default_grad_tol if grad_tol is None else grad_tol
     w = coerce(ModelConfig, cfg, "model").loss
-    module = _build(_with(cfg, MEMORY_OPTIONS[memory]), phase, dtype)
-    # The reference runs on plain networks with the same weights (the same networks unless memory options are on).
-    plain = module if memory == "default" else _build(_with(cfg, PLAIN), phase, dtype)
-    plain.load_state_dict(module.state_dict())
-    if memory == "channels_last":
-        convs = [p for p in module.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
-        assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
-    pair, flags = module._pair_from_batch(_batch(module.stage, torch.Generator().manual_seed(1), dtype))
+    pair, flags = module._pair_from_batch(batch)
     monkeypatch.setattr(objective, "random_erasing", fixed_erase)
-
+    gen_a, gen_b = objective.generators_for(flags.batch_type, module.gen_a, module.gen_b_or_a)
     fwd = objective.forward_pair(
-        module.e_app, module.gen_a, module.gen_b_or_a, pair, flags,
-        erasing_p=w.erasing_p, structure_detach_p=detach_p, joint_call=joint_call,
+        module.e_app, gen_a, gen_b, pair, flags,
+        erasing_p=w.erasing_p, structure_detach_p=detach_p, bn_groups=bn_groups,
     )  # fmt: skip
     d_ours = objective.image_d_loss(module.d_img, fwd, pair, gan_w=w.gan, r1_w=w.r1)
-    if flags.domain_adv:
-        d_ours["d_dom"] = objective.domain_d_loss(module.d_dom, fwd, weight=w.domain_adv, reduction=w.domain_reduction)
+    if flags.steps_d_dom:
+        d_ours["d_dom"] = objective.domain_d_loss(
+            module.d_dom, fwd, weight=w.domain_adv, reduction=w.domain_reduction, batch_type=flags.batch_type
+        )
     g_ours = objective.generator_losses(fwd, pair, flags, module.d_img, module.d_dom, w)
     d_ref, g_ref = ref.reference_losses(
         ref.Nets.from_module(plain), pair, flags, dataclasses.asdict(w), erase=fixed_erase,
         structure_detached=detach_p >= 1.0,
     )  # fmt: skip
 
-    assert EXPECTED_TERMS[phase] <= g_ours.keys()
-    assert not ABSENT_TERMS[phase] & g_ours.keys()
-    assert ("d_dom" in d_ours) == (phase == "warmup")
     for ours, theirs in ((d_ours, d_ref), (g_ours, g_ref)):
         assert ours.keys() == theirs.keys()
         for key in ours:
@@ -222,7 +247,7 @@ def test_optimised_iteration_equals_reference(
                 rtol=rtol,
                 atol=atol,
                 check_dtype=False,
-                msg=lambda m, k=key: f"{phase} {k}: {m}",
+                msg=lambda m, k=key: f"{flags.batch_type} {k}: {m}",
             )
 
     def d_nets(m: DGNetPP) -> dict[str, nn.Module | None]:
@@ -238,6 +263,7 @@ def test_optimised_iteration_equals_reference(
 
     g_grads = _backward(module, g_ours["g_total"], g_nets(module))
     _assert_grads_equal(g_grads, _backward(plain, g_ref["g_total"], g_nets(plain)), grad_tol)
+    return flags, d_ours, g_ours
 
 
 def _teacher(dtype: torch.dtype) -> Teacher:
@@ -310,3 +336,97 @@ def test_teacher_terms_equal_reference(
     terms = g_ours["teacher_kl"] + g_ours["teacher_b"]
     only = _backward(module, terms, g_nets(module))
     _assert_grads_equal(only, _backward(module, g_ref["teacher_kl"] + g_ref["teacher_b"], g_nets(module)), grad_tol)
+
+
+@pytest.mark.parametrize(("phase", "detach_p", "dtype", "bn_groups", "memory"), CASES)
+def test_optimised_iteration_equals_reference(
+    small_cfg: dict,
+    phase: str,
+    detach_p: float,
+    dtype: torch.dtype,
+    bn_groups: str,
+    memory: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every D and G loss term and the gradients of D_img, D_dom, G_a, G_b and E_app agree."""
+    cfg = copy.deepcopy(small_cfg)
+    cfg["loss"]["structure_detach_p"] = detach_p
+    module = _build(_with(cfg, MEMORY_OPTIONS[memory]), phase, dtype)
+    # The reference runs on plain networks with the same weights (the same networks unless memory options are on).
+    plain = module if memory == "default" else _build(_with(cfg, PLAIN), phase, dtype)
+    plain.load_state_dict(module.state_dict())
+    if memory == "channels_last":
+        convs = [p for p in module.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+        assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+    batch = _batch(module.stage, torch.Generator().manual_seed(1), dtype)
+    flags, d_ours, g_ours = _compare(module, plain, batch, cfg, detach_p, dtype, bn_groups, monkeypatch)
+
+    assert EXPECTED_TERMS[phase] <= g_ours.keys()
+    assert not ABSENT_TERMS[phase] & g_ours.keys()
+    assert ("d_dom" in d_ours) == (phase == "warmup")
+    assert flags.batch_type == ("aa" if phase == "source" else "ab")
+
+
+# Per (phase, type): the flags the reference reads (b_ids: the official id_tgt; steps_d_dom: id_adv_w > 0) and the
+# generator's domain-adversarial flag, the terms that must be there and the ones that must not.
+TYPE_FLAGS = {
+    ("warmup", "aa"): {"b_ids": True, "domain_adv": False, "steps_d_dom": True, "num_active_classes": N_SRC},
+    ("self_training", "aa"): {
+        "b_ids": True,
+        "domain_adv": False,
+        "steps_d_dom": False,
+        "num_active_classes": N_SRC + N_CLUSTERS,
+    },
+    ("warmup", "bb"): {"b_ids": False, "domain_adv": True, "steps_d_dom": True, "num_active_classes": N_SRC},
+    ("self_training", "bb"): {
+        "b_ids": True,
+        "domain_adv": False,
+        "steps_d_dom": False,
+        "num_active_classes": N_SRC + N_CLUSTERS,
+    },
+    ("warmup", "ab"): {"b_ids": False, "domain_adv": True, "steps_d_dom": True, "num_active_classes": N_SRC},
+    ("self_training", "ab"): {
+        "b_ids": True,
+        "domain_adv": False,
+        "steps_d_dom": False,
+        "num_active_classes": N_SRC + N_CLUSTERS,
+    },
+}
+ALL_IDS = {"id_s1", "id_s2", "id_t1", "id_t2", "pid"}
+TYPE_TERMS = {  # (present, absent)
+    ("warmup", "aa"): (ALL_IDS | {"recon_xp"}, {"domain_adv"}),
+    ("self_training", "aa"): (ALL_IDS | {"recon_xp"}, {"domain_adv"}),
+    ("warmup", "bb"): ({"domain_adv"}, ALL_IDS | {"recon_xp"}),
+    ("self_training", "bb"): ({"id_s1", "id_s2", "id_t1", "id_t2"}, {"pid", "domain_adv", "recon_xp"}),
+    ("warmup", "ab"): ({"id_s1", "id_s2", "pid", "domain_adv"}, {"id_t1", "id_t2"}),
+    ("self_training", "ab"): ({"id_s1", "id_s2", "id_t1", "id_t2", "pid"}, {"domain_adv"}),
+}
+
+
+@pytest.mark.parametrize(("phase", "kind", "detach_p", "dtype", "bn_groups"), TYPE_CASES)
+def test_each_batch_type_equals_its_official_reference(
+    small_cfg: dict,
+    phase: str,
+    kind: str,
+    detach_p: float,
+    dtype: torch.dtype,
+    bn_groups: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aa, bb and ab batches of the adapt stage: every term and gradient equals the official per-type step, also
+    with one encoder call per image group against the per-group reference in train-mode BatchNorm."""
+    cfg = copy.deepcopy(small_cfg)
+    cfg["loss"]["structure_detach_p"] = detach_p
+    bn_train = bn_groups == "official"
+    module = _build(cfg, phase, dtype, bn_train=bn_train)
+    assert any(m.training for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)) == bn_train
+    batch = _batch("adapt", torch.Generator().manual_seed(2), dtype, kind)
+    flags, d_ours, g_ours = _compare(
+        module, module, batch, cfg, detach_p, dtype, bn_groups, monkeypatch, grad_tol=TYPE_GRAD_TOL[dtype]
+    )
+
+    assert flags.batch_type == kind
+    assert {k: getattr(flags, k) for k in TYPE_FLAGS[phase, kind]} == TYPE_FLAGS[phase, kind]
+    present, absent = TYPE_TERMS[phase, kind]
+    assert present <= g_ours.keys() and not absent & g_ours.keys()
+    assert ("d_dom" in d_ours) == (phase == "warmup")

@@ -118,3 +118,45 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(
     metrics = sorted(k for k in res_a if k.startswith(("val/", "test/")))
     assert "val/mAP_best" in metrics and "test/mAP" in metrics
     assert {k: res_a[k] for k in metrics} == {k: res_b.get(k) for k in metrics}
+
+
+# The official batch mix (aa / bb / ab / ba batches, aa skipped in self-training), 4 batches per epoch: a SIGTERM
+# in the middle of a self-training epoch resumes that epoch's drawn batches where they stopped.
+OFFICIAL = ["data.pairing=official", "data.xx_port=0.7", "data.ab_port=0.3", "trainer.limit_train_batches=4"]
+
+
+@pytest.fixture(scope="module")
+def official_uninterrupted(tmp_path_factory: pytest.TempPathFactory, run_args: list[str]) -> Path:
+    run_dir = tmp_path_factory.mktemp("official_uninterrupted") / "run"
+    cli(run_dir.parent, [*run_args, *OFFICIAL, f"hydra.run.dir={run_dir}"])
+    return run_dir
+
+
+def test_sigterm_mid_epoch_with_the_official_mix_resumes_exactly(
+    tmp_path: Path, run_args: list[str], official_uninterrupted: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    probe = ["+callbacks.probe._target_=signal_probe.SigtermAt", "+callbacks.probe.at=batch"]
+    probe += ["+callbacks.probe.epoch=1", "+callbacks.probe.batch=2", PROBE_ALLOWED]
+    cli(tmp_path, [*run_args, *OFFICIAL, f"hydra.run.dir={run_dir}", *probe])
+    stage = run_dir / "checkpoints" / "adapt"
+    saved = load_checkpoint(stage / "last.ckpt")
+    progress = saved["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert (saved["epoch"], saved["dgnetpp"]["phase"]) == (1, "self_training")
+    assert (progress["processed"], progress["completed"]) == (1, 1)  # inside epoch 1
+    batches = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
+    assert 0 < batches < 4, f"stopped after {batches} batches of epoch 1"
+
+    cli(tmp_path, [*run_args, *OFFICIAL, f"hydra.run.dir={run_dir}", "ckpt_path=last"])
+    a = load_checkpoint(official_uninterrupted / "checkpoints" / "adapt" / "final.ckpt")
+    b = load_checkpoint(stage / "final.ckpt")
+    diff = max((a["state_dict"][k].double() - b["state_dict"][k].double()).abs().max().item() for k in a["state_dict"])
+    print(f"official mix, mid-epoch: max abs weight difference {diff:.3g}")
+    assert diff == 0.0
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        for key, state in opt_a["state"].items():
+            for name, value in state.items():
+                other = opt_b["state"][key][name]
+                assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+    assert [s["last_epoch"] for s in a["lr_schedulers"]] == [s["last_epoch"] for s in b["lr_schedulers"]]

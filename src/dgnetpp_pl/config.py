@@ -25,8 +25,9 @@ from dgnetpp_pl.data.datasets import DATASETS
 from dgnetpp_pl.data.domains import STYLES
 from dgnetpp_pl.losses import REDUCTIONS
 from dgnetpp_pl.models.appearance import ARCHS
+from dgnetpp_pl.objective import BN_GROUPS
 from dgnetpp_pl.pseudo_labels import METHODS
-from dgnetpp_pl.schedule import STAGES, AdaptSchedule
+from dgnetpp_pl.schedule import PAIRINGS, STAGES, AdaptSchedule
 
 # The YAML tree ships with the package, so an installed wheel composes its own configs.
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -96,6 +97,12 @@ class DataConfig:
     val_split: float = 0.0
     # Draw target train images only among those with a pseudo-label (the official code drops outliers).
     drop_target_outliers: bool = False
+    # Adapt-stage batches. cross: every batch pairs a source half with a target half. official: each batch holds one
+    # type, source-source (aa), target-target (bb) or cross-domain (ab / ba), drawn per epoch as the official code.
+    pairing: str = "cross"
+    # official pairing: shares of same-domain (aa + bb) and cross-domain (ab + ba) batches (they sum to 1).
+    xx_port: float = 0.9
+    ab_port: float = 0.1
     # Sizes of the built-in domains (used where a domain's name is "synthetic").
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -109,10 +116,11 @@ class AppearanceConfig:
     droprates: list[float] = field(default_factory=lambda: [0.5, 0.75])
     parts: int = 4
     detach_code: bool = True
-    # true: every real image in one encoder call (BatchNorm statistics over all, so training and evaluation see
-    # the same statistics). false: images whose outputs need no gradient (detached codes) go through a separate
-    # no-grad call that stores no activations (less memory; per-call statistics, as the official calls).
-    joint_call: bool = True
+    # How the real images of an iteration meet BatchNorm in the appearance encoder. joint: all in one call (statistics
+    # over all, so training and evaluation see the same statistics). split: the images whose outputs need no gradient
+    # (detached codes) in a separate no-grad call that stores no activations (less memory). official: one call per
+    # image group (x_a, x_b, xp_a, xp_b, each erased view, each re-encoded fake), as the official code.
+    bn_groups: str = "joint"
     # Recompute each ResNet stage in backward instead of storing its activations (less memory, more time).
     checkpoint: bool = False
 
@@ -304,6 +312,8 @@ class AdaptStageConfig:
     app_lr_ramp: float = 60.0
     # Start the joint classifier's source rows from the source stage's classifier.
     keep_source_classifier: bool = True
+    # data.pairing=official: draw the aa batches of self-training epochs but train on none (the official aa_drop).
+    aa_drop: bool = True
 
 
 @dataclass
@@ -486,7 +496,11 @@ _RULES: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
     (DataConfig, "num_workers"): (_at_least(0), "must be >= 0"),
     (DataConfig, "pad"): (_at_least(0), "must be >= 0"),
     (DataConfig, "val_split"): (_within(0.0, 1.0, closed_hi=False), "must be in [0, 1)"),
+    (DataConfig, "pairing"): _one_of(PAIRINGS),
+    (DataConfig, "xx_port"): (lambda v: math.isfinite(v) and 0.0 < v <= 1.0, "must be in (0, 1]"),
+    (DataConfig, "ab_port"): (_within(0.0, 1.0, closed_hi=False), "must be in [0, 1)"),
     (AppearanceConfig, "arch"): _one_of(ARCHS),
+    (AppearanceConfig, "bn_groups"): _one_of(BN_GROUPS),
     (AppearanceConfig, "last_stride"): (lambda v: v in (1, 2), "must be 1 or 2"),
     (AppearanceConfig, "bottleneck_dim"): (_at_least(1), "must be >= 1"),
     (AppearanceConfig, "parts"): (_at_least(1), "must be >= 1"),
@@ -549,6 +563,7 @@ _RULES: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
     (AdaptSchedule, "warmup_epochs"): (_at_least(0), "must be >= 0"),
     (AdaptSchedule, "refresh_every"): (_at_least(1), "must be >= 1"),
     (AdaptSchedule, "app_lr_ramp"): (lambda v: math.isfinite(v) and v > 0, "must be > 0"),
+    (AdaptSchedule, "pairing"): _one_of(PAIRINGS),
     (EvaluateConfig, "k1"): (_at_least(1), "must be >= 1"),
     (EvaluateConfig, "k2"): (_at_least(1), "must be >= 1"),
     (EvaluateConfig, "lambda_"): (_within(0.0, 1.0), "must be in [0, 1]"),
@@ -577,6 +592,11 @@ def _domain_rules(d: DomainConfig, key: str) -> None:
 def _data_rules(d: DataConfig, key: str) -> None:
     _domain_rules(d.source, f"{key}.source")
     _domain_rules(d.target, f"{key}.target")
+    if abs(d.xx_port + d.ab_port - 1.0) > 1e-6:
+        raise ConfigError(
+            f"{key}.xx_port={d.xx_port} and {key}.ab_port={d.ab_port} must sum to 1 (the shares of same-domain and "
+            f"cross-domain batches); e.g. {key}.xx_port={1.0 - d.ab_port:g}."
+        )
 
 
 def _model_rules(m: ModelConfig, key: str, image_size: tuple[int, int] | None = None) -> None:
@@ -670,6 +690,17 @@ def _merge_error(err: OmegaConfBaseException, where: str) -> ConfigError:
     )
 
 
+def _upgrade_model(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A model section written before ``appearance.bn_groups`` holds the bool ``appearance.joint_call``: true is
+    ``bn_groups=joint``, false ``split``. Older checkpoints keep loading."""
+    app = data.get("appearance")
+    if not isinstance(app, Mapping) or "joint_call" not in app:
+        return data
+    upgraded = {k: v for k, v in app.items() if k != "joint_call"}
+    upgraded.setdefault("bn_groups", "joint" if app["joint_call"] else "split")
+    return {**data, "appearance": upgraded}
+
+
 def coerce(schema: type[T], data: Mapping[str, Any] | T | DictConfig, where: str = "") -> T:
     """Rebuild a typed config from a plain dict (e.g. a checkpoint's hyper-parameters), or check an instance.
 
@@ -679,6 +710,8 @@ def coerce(schema: type[T], data: Mapping[str, Any] | T | DictConfig, where: str
     if isinstance(data, schema):
         typed = data
     else:
+        if schema is ModelConfig:
+            data = _upgrade_model(data)
         try:
             merged = OmegaConf.merge(OmegaConf.structured(schema), data)
             typed = OmegaConf.to_object(merged)

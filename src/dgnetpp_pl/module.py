@@ -11,6 +11,7 @@ which file it came from (path and SHA-256), not its weights.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -169,12 +170,17 @@ class DGNetPP(EvaluationHooks, pl.LightningModule):
             )
         return objective.pair_from_batch(batch, self.phase, self.num_source_ids, n_target, self.cfg.loss, teacher)
 
-    def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "skip" in batch:  # drawn but not trained (the official aa_drop): no network runs, no parameter moves
+            self._step_schedulers()
+            self._log_counts(batch["skip"], skipped=True)
+            return
         w = self.cfg.loss
         pair, flags = self._pair_from_batch(batch)
+        gen_a, gen_b = objective.generators_for(flags.batch_type, self.gen_a, self.gen_b_or_a)
         fwd = objective.forward_pair(
-            self.e_app, self.gen_a, self.gen_b_or_a, pair, flags, erasing_p=w.erasing_p,
-            structure_detach_p=w.structure_detach_p, joint_call=self.cfg.appearance.joint_call,
+            self.e_app, gen_a, gen_b, pair, flags, erasing_p=w.erasing_p,
+            structure_detach_p=w.structure_detach_p, bn_groups=self.cfg.appearance.bn_groups,
             teacher=self._teacher,
         )  # fmt: skip
         d_losses = self.discriminator_step(fwd, pair, flags)
@@ -183,10 +189,17 @@ class DGNetPP(EvaluationHooks, pl.LightningModule):
         g_losses = self.generator_step(fwd, pair, flags)
         if g_losses is None:
             return
+        self._step_schedulers()
+        self._log_step(fwd, pair, flags, {**d_losses, **g_losses})
+
+    def _step_schedulers(self) -> None:
         scheds = self.lr_schedulers()
-        for sched in scheds if isinstance(scheds, list) else [scheds]:
-            sched.step()
-        self._log_step(fwd, pair, {**d_losses, **g_losses})
+        with warnings.catch_warnings():
+            # Every scheduler counts iterations, also those where its optimiser did not step (a skipped aa batch,
+            # gen_b on aa): torch's warning about that order does not apply to iteration-counted milestones.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            for sched in scheds if isinstance(scheds, list) else [scheds]:
+                sched.step()
 
     def discriminator_step(
         self, fwd: objective.Forward, pair: objective.PairBatch, flags: objective.StepFlags
@@ -195,9 +208,9 @@ class DGNetPP(EvaluationHooks, pl.LightningModule):
         w, opts = self.cfg.loss, self._named_optimizers()
         losses = objective.image_d_loss(self.d_img, fwd, pair, gan_w=w.gan, r1_w=w.r1)
         total, d_opts = losses["d_img_total"], [opts["d_img"]]
-        if flags.domain_adv:
+        if flags.steps_d_dom:
             losses["d_dom"] = objective.domain_d_loss(
-                self.d_dom, fwd, weight=w.domain_adv, reduction=w.domain_reduction
+                self.d_dom, fwd, weight=w.domain_adv, reduction=w.domain_reduction, batch_type=flags.batch_type
             )
             total = total + losses["d_dom"]
             d_opts.append(opts["d_dom"])
@@ -213,10 +226,12 @@ class DGNetPP(EvaluationHooks, pl.LightningModule):
     def generator_step(
         self, fwd: objective.Forward, pair: objective.PairBatch, flags: objective.StepFlags
     ) -> dict[str, Tensor] | None:
-        """E_app and both generators on the shared forward; the discriminators are frozen inside."""
+        """E_app and the batch type's generators on the shared forward (aa: gen_a, bb: gen_b, ab: both, as the
+        official ``gen_update_*``); the discriminators are frozen inside."""
         opts = self._named_optimizers()
         losses = objective.generator_losses(fwd, pair, flags, self.d_img, self.d_dom, self.cfg.loss)
-        g_opts = [opts["gen_a"], opts["e_app"]] + ([opts["gen_b"]] if self.gen_b is not None else [])
+        names = {"aa": ["gen_a", "e_app"], "ab": ["gen_a", "e_app", "gen_b"], "bb": ["e_app", "gen_b"]}
+        g_opts = [opts[n] for n in names[flags.batch_type] if n in opts]
         for opt in g_opts:
             opt.zero_grad(set_to_none=True)
         if not self._check_finite(losses, "generator"):
@@ -229,17 +244,35 @@ class DGNetPP(EvaluationHooks, pl.LightningModule):
             opt.step()
         return losses
 
-    def _log_step(self, fwd: objective.Forward, pair: objective.PairBatch, terms: dict[str, Tensor]) -> None:
+    def _log_step(
+        self, fwd: objective.Forward, pair: objective.PairBatch, flags: objective.StepFlags, terms: dict[str, Tensor]
+    ) -> None:
         bsz = pair.x_a.shape[0]
         logs = {f"train/{k}": v.detach() for k, v in terms.items() if k != "g_total"}
-        logs["train/acc_source"] = objective.accuracy(fwd.tensors["id1_a"], pair.l_a)
-        if "id1_b" in fwd.tensors:
-            logs["train/acc_target"] = objective.accuracy(fwd.tensors["id1_b"], pair.l_b)
+        if len(self.schedule.batch_types(self.current_epoch)) > 1:  # the mix: each type's terms apart, too
+            logs.update({f"train/{flags.batch_type}/{k}": v.detach() for k, v in terms.items()})
+        # Accuracy of each labelled half, named after its domain (the first half of aa counts as the source's).
+        domains = {"aa": ("source", "source"), "ab": ("source", "target"), "bb": ("target", "target")}
+        for half, domain in zip(("a", "b"), domains[flags.batch_type], strict=True):
+            if f"id1_{half}" in fwd.tensors and f"train/acc_{domain}" not in logs:
+                logs[f"train/acc_{domain}"] = objective.accuracy(fwd.tensors[f"id1_{half}"], getattr(pair, f"l_{half}"))
         for name, opt in self._named_optimizers().items():
             logs[f"train/lr_{name}"] = opt.param_groups[0]["lr"]
         logs["train/phase"] = float(self.schedule.phase_index(self.current_epoch))
         self.log_dict(logs, batch_size=bsz)
         self.log("train/g_total", terms["g_total"].detach(), prog_bar=True, batch_size=bsz)
+        self._log_counts(flags.batch_type, skipped=False)
+
+    def _log_counts(self, batch_type: str, skipped: bool) -> None:
+        """This epoch's batches of each type the epoch draws (summed over the epoch): ``train/batches_<type>``
+        counts trained batches, ``train/batches_aa_skipped`` the aa batches drawn but skipped."""
+        epoch = self.current_epoch
+        counts = {
+            f"train/batches_{t}": float(t == batch_type and not skipped) for t in self.schedule.batch_types(epoch)
+        }
+        if self.schedule.skips("aa", epoch):
+            counts["train/batches_aa_skipped"] = float(skipped and batch_type == "aa")
+        self.log_dict(counts, on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
 
     def _check_finite(self, terms: dict[str, Tensor], step: str) -> bool:
         bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]

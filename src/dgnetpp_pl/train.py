@@ -13,7 +13,8 @@ Wiring of one stage (every object receives its typed config section; data flows 
           ▲                        │ batches
           │ labels                 ▼
     PseudoLabelCallback ◄── DGNetPP (features; set_target_classes is its one surgery method)
-          both ask AdaptSchedule: phase(epoch), refresh_due(epoch), app_lr_scale(epoch)
+          all ask AdaptSchedule: phase(epoch), refresh_due(epoch), app_lr_scale(epoch),
+          batch_types(epoch) and skips(type, epoch) (the datamodule's sampler and the module)
 """
 
 from __future__ import annotations
@@ -63,10 +64,16 @@ STAGE_LABELS = {
 }
 
 
-def build_datamodule(cfg: RootConfig, stage: str, labels: PseudoLabelStore | None = None) -> CrossDomainDataModule:
-    """The stage's datamodule; in the adapt stage its sampler reads the target pseudo-labels from ``labels``."""
+def build_datamodule(
+    cfg: RootConfig, stage: str, labels: PseudoLabelStore | None = None, schedule: AdaptSchedule | None = None
+) -> CrossDomainDataModule:
+    """The stage's datamodule; in the adapt stage its sampler reads the target pseudo-labels from ``labels`` and
+    the batch types each epoch draws from ``schedule`` (default: :func:`build_schedule`)."""
+    schedule = schedule if schedule is not None else build_schedule(cfg, stage)
     teacher = cfg.teacher if stage == "teacher" else None
-    return CrossDomainDataModule(cfg.data, stage=stage, seed=cfg.seed, labels=labels, teacher=teacher)
+    return CrossDomainDataModule(
+        cfg.data, stage=stage, seed=cfg.seed, labels=labels, schedule=schedule, teacher=teacher
+    )
 
 
 def uses_teacher(cfg: RootConfig, stage: str) -> bool:
@@ -80,15 +87,18 @@ def uses_teacher(cfg: RootConfig, stage: str) -> bool:
 
 
 def build_schedule(cfg: RootConfig, stage: str, with_teacher: bool = False) -> AdaptSchedule:
-    """The stage's phases from ``adapt`` and ``pseudo_label.every_n_epochs``; ``with_teacher``: its teacher terms."""
+    """The stage's phases from ``adapt`` and ``pseudo_label.every_n_epochs``, its batch types from ``data.pairing``;
+    ``with_teacher``: its teacher terms."""
     if stage in ("teacher", "source"):
-        return AdaptSchedule(stage=stage, with_teacher=with_teacher)
+        return AdaptSchedule(stage=stage, with_teacher=with_teacher, pairing=cfg.data.pairing)
     return AdaptSchedule(
         stage="adapt",
         warmup_epochs=cfg.adapt.warmup_epochs,
         refresh_every=cfg.pseudo_label.every_n_epochs,
         app_lr_ramp=cfg.adapt.app_lr_ramp,
         with_teacher=with_teacher,
+        pairing=cfg.data.pairing,
+        aa_drop=cfg.adapt.aa_drop,
     )
 
 
@@ -235,7 +245,8 @@ def run_stage(
     resumed = check_checkpoint(resume, cfg, stage) if resume else None  # before anything is written
 
     labels = PseudoLabelStore() if stage == "adapt" else None
-    dm = build_datamodule(cfg, stage, labels)
+    schedule = build_schedule(cfg, stage, with_teacher=uses_teacher(cfg, stage))
+    dm = build_datamodule(cfg, stage, labels, schedule)
     dm.prepare_data()
     dm.setup("fit")
     n_target = len(dm.target_train_records)
@@ -244,7 +255,6 @@ def run_stage(
             f"pseudo_label.k={cfg.pseudo_label.k} is larger than the number of target train images ({n_target}); "
             f"set pseudo_label.k <= {n_target}."
         )
-    schedule = build_schedule(cfg, stage, with_teacher=uses_teacher(cfg, stage))
     model = build_stage_model(cfg, stage, dm, schedule, resume, init_ckpt, teacher_ckpt)
     if resumed is not None:  # the data on disk may differ from the checkpoint's (e.g. its number of identities)
         check_model(resumed.hyper_parameters, model.hparams, resumed.path)

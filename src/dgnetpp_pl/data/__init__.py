@@ -12,6 +12,7 @@ from typing import Any
 _MODULE_OF = {
     "CrossDomainDataModule": "datamodule",
     **dict.fromkeys(["PairSampler", "pick_positives"], "sampling"),
+    **dict.fromkeys(["MixBatchKey", "MixSampler"], "batch_mix"),
     "split_validation_ids": "splits",
     **dict.fromkeys(
         [

@@ -6,6 +6,9 @@ of the previous epoch, or before ``fit``) are used for that whole epoch. The tra
 loader every epoch (``reload_dataloaders_every_n_epochs=1`` in ``train.py``): with
 ``data.drop_target_outliers`` the epoch's length follows the labels, and Lightning reads the length only when it
 builds a loader. The epoch is Lightning's: it calls the sampler's ``set_epoch`` before each epoch.
+
+With ``data.pairing=official`` the adapt stage's sampler is :class:`~dgnetpp_pl.data.batch_mix.MixSampler`, which
+yields whole type-homogeneous batches and deals them to the ranks itself (Lightning leaves it unwrapped).
 """
 
 from __future__ import annotations
@@ -20,15 +23,22 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
+from dgnetpp_pl.data.batch_mix import MixSampler
 from dgnetpp_pl.data.datasets import DatasetError, ReIDDataset, load_image, verify_images
 from dgnetpp_pl.data.domains import build_domain, prepare_domain
 from dgnetpp_pl.data.records import ImageRecord
 from dgnetpp_pl.data.resumable import ResumableDataLoader
 from dgnetpp_pl.data.sampling import PairSampler
 from dgnetpp_pl.data.splits import split_validation_ids
-from dgnetpp_pl.data.torch_datasets import LabelledTrainDataset, PairedTrainDataset, ReIDImageDataset
+from dgnetpp_pl.data.torch_datasets import (
+    LabelledTrainDataset,
+    MixedBatchDataset,
+    PairedTrainDataset,
+    ReIDImageDataset,
+)
 from dgnetpp_pl.data.transforms import build_test_transform, build_train_transform
 from dgnetpp_pl.label_store import PseudoLabelStore
+from dgnetpp_pl.schedule import AdaptSchedule
 
 if TYPE_CHECKING:
     from dgnetpp_pl.config import DataConfig, TeacherConfig
@@ -37,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, cls: type[DataLoader] = DataLoader, **kwargs: Any
+    dataset: Dataset, batch_size: int | None, num_workers: int, cls: type[DataLoader] = DataLoader, **kwargs: Any
 ) -> DataLoader:
     """A DataLoader (or ``cls``) as every loader of the project is built (pinned memory on a GPU machine)."""
     # No persistent workers: the train loader is rebuilt every epoch, and with persistent workers every old
@@ -62,7 +72,9 @@ class CrossDomainDataModule(pl.LightningDataModule):
     pseudo-label, else another augmentation of the same image. Validation and test loaders run over target
     query + gallery (the first ``num_query`` samples are queries). ``data.val_split > 0`` holds out that fraction
     of target train identities as the validation set instead; test always uses the target test split.
-    ``seed`` seeds the train order and the validation split.
+    ``seed`` seeds the train order and the validation split. ``schedule`` says which batch types each epoch draws
+    and skips (default: the stage with ``data.pairing``); with the official mix a batch holds one domain's 2B
+    images (``{"source": S}`` for aa, ``{"target": T}`` for bb) or B of each (ab), or is ``{"skip": "aa"}``.
     """
 
     def __init__(
@@ -72,12 +84,20 @@ class CrossDomainDataModule(pl.LightningDataModule):
         seed: int = 0,
         labels: PseudoLabelStore | None = None,
         teacher: TeacherConfig | None = None,
+        schedule: AdaptSchedule | None = None,
     ) -> None:
         super().__init__()
         if (stage == "teacher") != (teacher is not None):
             raise ValueError("CrossDomainDataModule: give the teacher config with stage='teacher', and only then.")
         self.config, self.train_stage, self.seed, self.teacher = config, stage, seed, teacher
         self.labels = labels if labels is not None or stage in ("source", "teacher") else PseudoLabelStore()
+        self.schedule = schedule if schedule is not None else AdaptSchedule(stage=stage, pairing=config.pairing)
+        if (self.schedule.stage, self.schedule.pairing) != (stage, config.pairing):
+            raise ValueError(
+                f"CrossDomainDataModule: the schedule is for stage {self.schedule.stage!r} with pairing "
+                f"{self.schedule.pairing!r}, but the datamodule is for stage {stage!r} with data.pairing="
+                f"{config.pairing!r}; build both from the same config."
+            )
         self._data: dict[str, ReIDDataset] = {}
 
     def prepare_data(self) -> None:
@@ -194,6 +214,9 @@ class CrossDomainDataModule(pl.LightningDataModule):
         source_only = self.train_stage in ("source", "teacher")
         if not source_only:
             self.labels.labels_for(len(self._target_train))  # labels of other data (a foreign checkpoint) fail here
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        if len(self.schedule.batch_types(epoch)) > 1:
+            return self._mix_dataloader()
         if self.teacher is not None:
             batch_size = self.teacher.batch_size
         else:
@@ -215,6 +238,26 @@ class CrossDomainDataModule(pl.LightningDataModule):
             sampler=sampler,
             drop_last=True,
         )
+
+    def _mix_dataloader(self) -> DataLoader:
+        """The official mix: whole batches from a rank-aware sampler (``batch_size=None``)."""
+        trainer = self.trainer
+        c = self.config
+        sampler = MixSampler(
+            source_labels=np.array([r.pid for r in self._data["source"].train]),
+            labels=self.labels,
+            num_target=len(self._target_train),
+            batch_size=c.batch_size,
+            seed=self.seed,
+            xx_port=c.xx_port,
+            ab_port=c.ab_port,
+            schedule=self.schedule,
+            drop_target_outliers=c.drop_target_outliers,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
+        dataset = MixedBatchDataset(self._train_set)
+        return make_loader(dataset, None, c.num_workers, cls=ResumableDataLoader, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()

@@ -49,7 +49,8 @@ class ResumableDataLoader(DataLoader):
     """A :class:`~torch.utils.data.DataLoader` with ``state_dict`` / ``load_state_dict`` (Lightning's resumable
     loader interface): the state is ``{"batches": n}``, the batches of the current pass handed out so far.
 
-    Needs batches (``batch_size`` or ``batch_sampler``): the skip counts index lists.
+    Needs batches (``batch_size`` or ``batch_sampler``, or ``batch_size=None`` over a sampler of whole batches): the
+    skip counts what the index sampler yields.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -1,5 +1,5 @@
 """Torch datasets over image records: the paired train set and the labelled source train set (keys from the sampler),
-and the plain evaluation set."""
+the paired set's whole-batch view for the official batch mix, and the plain evaluation set."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
+from dgnetpp_pl.data.batch_mix import MixBatchKey
 from dgnetpp_pl.data.datasets import load_image
 from dgnetpp_pl.data.records import ImageRecord
 from dgnetpp_pl.data.sampling import PairKey
 
 
 class PairedTrainDataset(Dataset):
-    """Map-style dataset over :class:`PairKey` keys: ``key -> {"source": S, "target": T}``.
+    """Map-style dataset over :class:`PairKey` keys: ``key -> {"source": S, "target": T}``, each domain present
+    when its index is >= 0.
 
     S and T hold ``image`` and ``pos`` (3, H, W) float, ``label``, ``camid``, ``index`` and ``pos_index``.
     Augmentation is seeded by the key, so a batch does not depend on the worker that loads it.
@@ -28,8 +30,10 @@ class PairedTrainDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, key: PairKey) -> dict[str, dict[str, Any]]:
-        source_label = self.source[key.source].pid
-        item = {"source": self._sample(self.source, key.source, key.source_pos, source_label, key.seed, 0)}
+        item = {}
+        if key.source >= 0:
+            source_label = self.source[key.source].pid
+            item["source"] = self._sample(self.source, key.source, key.source_pos, source_label, key.seed, 0)
         if key.target >= 0:
             item["target"] = self._sample(self.target, key.target, key.target_pos, key.target_label, key.seed, 2)
         return item
@@ -71,6 +75,25 @@ class LabelledTrainDataset(Dataset):
             torch.manual_seed(key.seed * 4)
             image = self.transform(image)
         return {"source": {"image": image, "label": record.pid, "camid": record.camid, "index": key.source}}
+
+
+class MixedBatchDataset(Dataset):
+    """Whole batches of the official mix (read with ``batch_size=None``): ``MixBatchKey -> batch``.
+
+    aa: ``{"source": S}`` with 2B images (first half, then second half); bb: ``{"target": T}`` with 2B images;
+    ab and ba: ``{"source": S, "target": T}`` with B each. A skipped batch is ``{"skip": "aa"}``: no image is read.
+    """
+
+    def __init__(self, pairs: PairedTrainDataset) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:  # keys are MixBatchKeys; the sampler defines the epoch
+        return len(self.pairs)
+
+    def __getitem__(self, key: MixBatchKey) -> dict[str, Any]:
+        if key.skipped:
+            return {"skip": key.batch_type}
+        return default_collate([self.pairs[k] for k in key.keys])
 
 
 class ReIDImageDataset(Dataset):
