@@ -281,37 +281,47 @@ def _teacher(dtype: torch.dtype) -> Teacher:
 
 
 @pytest.mark.parametrize(
-    ("phase", "detach_p", "batch_type"),
+    ("phase", "detach_p", "batch_type", "bn_groups"),
     [
-        pytest.param("source", 0.0, "aa", id="source-aa-fp64"),
+        pytest.param("source", 0.0, "aa", "joint", id="source-aa-fp64"),
         # 5 target rows of capacity beyond the 6 source ids: the soft labels are zero-padded, the rows masked.
-        pytest.param("warmup", 1.0, "ab", id="warmup-ab-fp64"),
+        pytest.param("warmup", 1.0, "ab", "joint", id="warmup-ab-fp64"),
+        # The official mix's aa batch in the warm-up: the teacher labels both fakes, as in the source stage.
+        pytest.param("warmup", 0.0, "aa", "joint", id="warmup-aa-fp64"),
+        # One encoder call per fake (bn_groups=official) against the reference's calls, in train-mode BatchNorm.
+        pytest.param("warmup", 1.0, "ab", "official", id="warmup-ab-official-bn-fp64"),
+        pytest.param("source", 0.0, "aa", "official", id="source-aa-official-bn-fp64"),
     ],
 )
 def test_teacher_terms_equal_reference(
-    small_cfg: dict, phase: str, detach_p: float, batch_type: str, monkeypatch: pytest.MonkeyPatch
+    small_cfg: dict, phase: str, detach_p: float, batch_type: str, bn_groups: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the teacher on, every term (the teacher KL and the fine-grained term included) and every gradient agree
     with the straightforward path, which runs each fake through its own encoder call and pads the teacher's
     probabilities by concatenation."""
     dtype = torch.float64
     rtol, atol, grad_tol = TOLERANCES[dtype]
+    grad_tol = TYPE_GRAD_TOL[dtype] if bn_groups == "official" else grad_tol
     cfg = copy.deepcopy(small_cfg)
     cfg["loss"].update(structure_detach_p=detach_p, teacher_w=2.0)
     w = coerce(ModelConfig, cfg, "model").loss
-    module = _build(cfg, phase, dtype, with_teacher=True)
+    module = _build(cfg, phase, dtype, with_teacher=True, bn_train=bn_groups == "official")
     module.attach_teacher(_teacher(dtype))
-    pair, flags = module._pair_from_batch(_batch(module.stage, torch.Generator().manual_seed(1), dtype))
+    batch = _batch(module.stage, torch.Generator().manual_seed(1), dtype, batch_type)
+    pair, flags = module._pair_from_batch(batch)
     assert flags.teacher and flags.batch_type == batch_type
     monkeypatch.setattr(objective, "random_erasing", fixed_erase)
 
+    gen_a, gen_b = objective.generators_for(flags.batch_type, module.gen_a, module.gen_b_or_a)
     fwd = objective.forward_pair(
-        module.e_app, module.gen_a, module.gen_b_or_a, pair, flags,
-        erasing_p=w.erasing_p, structure_detach_p=detach_p, teacher=module.teacher,
+        module.e_app, gen_a, gen_b, pair, flags, erasing_p=w.erasing_p, structure_detach_p=detach_p,
+        bn_groups=bn_groups, teacher=module.teacher,
     )  # fmt: skip
     d_ours = objective.image_d_loss(module.d_img, fwd, pair, gan_w=w.gan, r1_w=w.r1)
-    if flags.domain_adv:
-        d_ours["d_dom"] = objective.domain_d_loss(module.d_dom, fwd, weight=w.domain_adv, reduction=w.domain_reduction)
+    if flags.steps_d_dom:
+        d_ours["d_dom"] = objective.domain_d_loss(
+            module.d_dom, fwd, weight=w.domain_adv, reduction=w.domain_reduction, batch_type=flags.batch_type
+        )
     g_ours = objective.generator_losses(fwd, pair, flags, module.d_img, module.d_dom, w)
     d_ref, g_ref = ref.reference_losses(
         ref.Nets.from_module(module), pair, flags, dataclasses.asdict(w), erase=fixed_erase,
@@ -430,3 +440,16 @@ def test_each_batch_type_equals_its_official_reference(
     present, absent = TYPE_TERMS[phase, kind]
     assert present <= g_ours.keys() and not absent & g_ours.keys()
     assert ("d_dom" in d_ours) == (phase == "warmup")
+
+
+@pytest.mark.parametrize("phase", ["warmup", "self_training"])
+def test_teacher_terms_are_off_where_the_official_code_has_none(small_cfg: dict, phase: str) -> None:
+    """bb batches never carry the teacher terms (official gen_update_bb), and self-training none at all (the official
+    code drops the teacher after round 0), though the teacher is attached."""
+    cfg = copy.deepcopy(small_cfg)
+    cfg["loss"]["teacher_w"] = 2.0
+    module = _build(cfg, phase, torch.float64, with_teacher=True)
+    module.attach_teacher(_teacher(torch.float64))
+    for kind in ("aa", "ab", "bb"):
+        _, flags = module._pair_from_batch(_batch("adapt", torch.Generator().manual_seed(1), torch.float64, kind))
+        assert flags.teacher == (phase == "warmup" and kind != "bb"), (phase, kind)
