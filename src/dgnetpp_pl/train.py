@@ -13,6 +13,7 @@ Wiring of one stage (every object receives its typed config section; data flows 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from dgnetpp_pl.allocator import keep_freed_memory
-from dgnetpp_pl.atomic_io import write_json
+from dgnetpp_pl.atomic_io import previous_path, write_json
 from dgnetpp_pl.callbacks.pseudo_label import PseudoLabelCallback
 from dgnetpp_pl.checkpoints import AtomicCheckpointIO, load_checkpoint, read_result, resolve_resume
 from dgnetpp_pl.cli import run_app
@@ -30,11 +31,14 @@ from dgnetpp_pl.data.datamodule import CrossDomainDataModule
 from dgnetpp_pl.instantiate import instantiate_group
 from dgnetpp_pl.label_store import PseudoLabelStore
 from dgnetpp_pl.module import DGNetPP
-from dgnetpp_pl.report import print_summary, write_sweep_summary
+from dgnetpp_pl.report import log_summary, write_sweep_summary
+from dgnetpp_pl.run_log import info_on_rank_zero
 from dgnetpp_pl.schedule import AdaptSchedule
 from dgnetpp_pl.signals import CheckpointOnSigterm
 
 STAGE_LABELS = {"source": "direct transfer (source-only)", "adapt": "DG-Net++ adapted"}
+
+log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: RootConfig, stage: str, labels: PseudoLabelStore | None = None) -> CrossDomainDataModule:
@@ -127,7 +131,10 @@ def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict
     resume = resolve_resume(cfg.ckpt_path, stage_dir) if cfg.ckpt_path else None
     if cfg.ckpt_path and done_file.exists():
         # This stage finished before the interruption: reuse it.
+        info_on_rank_zero(log, f"{stage} stage: finished before, reusing its result ({done_file})")
         return read_result(done_file)
+    # Every checkpoint is read before any data is touched (the built-in data is generated on first use).
+    init_state = load_checkpoint(init_ckpt)["state_dict"] if stage == "adapt" and resume is None else None
 
     labels = PseudoLabelStore() if stage == "adapt" else None
     dm = build_datamodule(cfg, stage, labels)
@@ -148,9 +155,8 @@ def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict
         skip_nonfinite_steps=cfg.skip_nonfinite_steps,
         image_size=(cfg.data.height, cfg.data.width),
     )
-    if stage == "adapt" and resume is None:
-        state = load_checkpoint(init_ckpt)["state_dict"]
-        model.load_source_stage(state, keep_source_classifier=cfg.adapt.keep_source_classifier)
+    if init_state is not None:
+        model.load_source_stage(init_state, keep_source_classifier=cfg.adapt.keep_source_classifier)
 
     callbacks, sigterm = build_callbacks(cfg, stage_dir, schedule, labels)
     loggers = instantiate_group(cfg.logger, cfg.allowed_targets, "logger")
@@ -180,6 +186,8 @@ def run_stage(cfg: RootConfig, stage: str, init_ckpt: str | None = None) -> dict
     if trainer.is_global_zero:
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_json(done_file, result)
+        # Only an unfinished stage resumes from last.ckpt, so its fallback copy is no longer needed.
+        previous_path(stage_dir / "last.ckpt").unlink(missing_ok=True)
     return result
 
 
@@ -212,7 +220,7 @@ def train(cfg: RootConfig | DictConfig) -> dict[str, Any]:
     if rank_zero_only.rank == 0:
         out_dir = Path(cfg.paths.output_dir)
         write_json(out_dir / "metrics.json", results)
-        print_summary(results, STAGE_LABELS)
+        log_summary(results, STAGE_LABELS)
     return results
 
 
@@ -222,9 +230,27 @@ def optimized_value(cfg: RootConfig, results: dict[str, Any]) -> float | None:
     return None if value is None else float(value)
 
 
+def check_optimized_metric(cfg: RootConfig) -> None:
+    """A sweeper that optimises the returned metric (one with a ``direction``, e.g. Optuna) must get a value:
+    ``val/*`` exists only with a held-out split (``data.val_split > 0``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    optimises = hc.mode == RunMode.MULTIRUN and "direction" in (hc.sweeper or {})
+    if optimises and cfg.optimized_metric.startswith("val/") and cfg.data.val_split == 0:
+        raise ConfigError(
+            f"optimized_metric={cfg.optimized_metric} needs a held-out validation split, but data.val_split=0 "
+            "(tuning on the target test split is refused). Set data.val_split>0 (hparams_search=optuna sets 0.2)."
+        )
+
+
 def train_task(cfg: DictConfig) -> float | None:
     """The Hydra task: the process-wide allocator setting, training, the sweep summary; returns the metric."""
     typed = validate_config(cfg)
+    check_optimized_metric(typed)
     if typed.keep_freed_memory:
         keep_freed_memory()
     results = train(typed)
