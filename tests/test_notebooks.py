@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
 from dgnetpp_pl.train import STAGE_LABELS
@@ -149,3 +150,49 @@ def test_retrieval_evaluates_both_checkpoints_and_plots_embedding(executed) -> N
     # Its own evaluation of the two checkpoints reproduces the metrics of the training run.
     text = "".join(stdout_of(c.outputs) for c in nb.cells if c.cell_type == "code")
     assert_rows_match_run(text, {"source": "before (source only)", "adapt": "after (DG-Net++)"}, run_dir)
+
+
+def independent_domain_gap(source: np.ndarray, target: np.ndarray, k: int = 10) -> tuple[float, float]:
+    """(distance between the domain means, share of cross-domain neighbours among each row's k nearest by cosine
+    similarity, itself excluded), computed here in numpy."""
+    x = np.concatenate([source, target]).astype(np.float64)
+    domain = np.r_[np.zeros(len(source)), np.ones(len(target))]
+    similarity = x @ x.T
+    np.fill_diagonal(similarity, -np.inf)
+    neighbours = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    cross = float((domain[neighbours] != domain[:, None]).mean())
+    return float(np.linalg.norm(source.mean(0) - target.mean(0))), cross
+
+
+@pytest.mark.slow
+def test_retrieval_states_the_domain_gap_it_measures(executed) -> None:
+    from configs import typed_train
+
+    from dgnetpp_pl.data.domains import build_domain
+    from dgnetpp_pl.extract import FeatureExtractor
+
+    notebooks, state_file, _ = executed
+    text = stdout_of(tagged_outputs(notebooks["03_retrieval.ipynb"], "domain-gap"))
+    state = json.loads(state_file.read_text())
+    cfg = typed_train(*state["overrides"])
+    domains = {
+        role: build_domain(getattr(cfg.data, role), cfg.data.synthetic, cfg.data.data_dir, role)
+        for role in ("source", "target")
+    }
+    measured = {}
+    for label, ckpt in (("before (source only)", state["source_ckpt"]), ("after (DG-Net++)", state["adapt_ckpt"])):
+        extract = FeatureExtractor(ckpt, device="cpu", batch_size=32)
+        feats = [extract([r.path for r in (*d.query, *d.gallery)]).numpy() for d in domains.values()]
+        gap, cross = independent_domain_gap(*feats)
+        match = re.search(rf"^{re.escape(label)}\s+([\d.]+)\s+([\d.]+)%$", text, flags=re.MULTILINE)
+        assert match, f"no row {label!r} in:\n{text}"
+        assert float(match.group(1)) == pytest.approx(gap, abs=6e-4)
+        assert float(match.group(2)) == pytest.approx(100 * cross, abs=0.06)
+        measured[label] = (gap, cross)
+    (gap_b, cross_b), (gap_a, cross_a) = measured.values()
+    # The sentences say which way each measure moved: a lower mean gap, or more cross-domain neighbours, is closer.
+    gap_word = "closer" if gap_a < gap_b else "further apart"
+    cross_word = "unchanged" if cross_a == cross_b else "closer" if cross_a > cross_b else "further apart"  # counts
+    assert f"went from {gap_b:.3f} to {gap_a:.3f}: by this measure the domains are {gap_word} after" in text
+    shares = f"{100 * cross_b:.1f}% to {100 * cross_a:.1f}%"
+    assert f"went from {shares}: by this measure the domains are {cross_word} after" in text

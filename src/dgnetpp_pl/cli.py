@@ -11,6 +11,7 @@ validates with ``config.coerce(ExportConfig, cfg)``). A primary config's ``hydra
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from dgnetpp_pl.config import CONF_DIR
+from dgnetpp_pl.run_log import joined_run_log
 from dgnetpp_pl.startup import Precheck, before_hydra
 
 
@@ -71,10 +73,17 @@ def run_app(
     Before Hydra starts, every ``_target_`` of the composed config is checked and the run (or sweep) folder is
     locked for this run (:func:`dgnetpp_pl.startup.before_hydra`); ``lock_folder=False`` for a tool that writes no
     run folder. ``precheck(cfg, run folder)`` then checks the composed config against the run folder (training:
-    the resume's config check) before Hydra writes there.
+    the resume's config check) before Hydra writes there. While ``task`` runs, Lightning's messages and warnings
+    join the run's log (:func:`dgnetpp_pl.run_log.joined_run_log`).
     """
     register_help_resolvers()
     for name, node in (schemas or {}).items():
         ConfigStore.instance().store(name=name, node=node)
-    app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task)
+
+    @functools.wraps(task)
+    def logged_task(cfg: DictConfig) -> Any:
+        with joined_run_log():
+            return task(cfg)
+
+    app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(logged_task)
     return before_hydra(CONF_DIR, config_name, lock_folder, precheck)(app)()

@@ -615,6 +615,29 @@ def _model_rules(m: ModelConfig, key: str, image_size: tuple[int, int] | None = 
             )
 
 
+def _selection_rules(c: RootConfig) -> None:
+    """Nothing is selected on the target test split: a callback's ``monitor`` and ``optimized_metric`` must name a
+    held-out validation metric, and ``val/*`` exists only with ``data.val_split > 0``."""
+    monitors = {name: node.get("monitor") for name, node in c.callbacks.items() if isinstance(node, Mapping)}
+    for key, metric in ((f"callbacks.{name}.monitor", m) for name, m in monitors.items() if m):
+        if str(metric).startswith("test"):
+            raise ConfigError(
+                f"{key}={metric} would choose checkpoints on the target test split. Select on a held-out split "
+                "(data.val_split>0, monitor=val/mAP), or set the monitor to null (keep the final weights)."
+            )
+        if str(metric).startswith("val/") and c.data.val_split == 0:
+            raise ConfigError(
+                f"{key}={metric}, but data.val_split=0: there is no validation split (the per-epoch metrics then "
+                "come from the target test split, as test_per_epoch/*). Set data.val_split>0 to hold out target "
+                "train identities, or set the monitor to null."
+            )
+    if c.optimized_metric.startswith("test"):
+        raise ConfigError(
+            f"optimized_metric={c.optimized_metric} would tune hyper-parameters on the target test split; use "
+            "val/mAP_best with data.val_split>0 (held-out target train identities)."
+        )
+
+
 def _root_rules(c: RootConfig) -> None:
     _data_rules(c.data, "data")
     if c.resume_override:
@@ -636,6 +659,7 @@ def _root_rules(c: RootConfig) -> None:
                 "train=false evaluates a checkpoint: give ckpt_path=<a final.ckpt or last.ckpt of the stage> "
                 "(ckpt_path=last: this run's newest), or stage=adapt init_ckpt=<a source-stage checkpoint>."
             )
+    _selection_rules(c)
     _model_rules(c.model, "model", (c.data.height, c.data.width))
     if c.adapt.warmup_epochs > c.adapt.max_epochs:
         raise ConfigError(f"adapt.warmup_epochs={c.adapt.warmup_epochs} exceeds adapt.max_epochs={c.adapt.max_epochs}.")

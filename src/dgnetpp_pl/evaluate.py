@@ -1,8 +1,9 @@
 """Evaluate a checkpoint on a target test set: ``python -m dgnetpp_pl.evaluate ckpt_path=... data=market1501``.
 
-Prints R1/R5/R10/mAP/mINP with and (``rerank=true``) without k-reciprocal re-ranking, writes ``metrics.json`` in
-the output folder, and with ``vis=true`` writes a rank-list picture and logs it to the configured logger. Only the
-target domain is read (or generated, for the built-in data); the checkpoint is checked first.
+Logs R1/R5/R10/mAP/mINP (console and ``evaluate.log``) without and (``rerank=true``) with k-reciprocal
+re-ranking, writes ``metrics.json`` in the output folder, and with ``vis=true`` writes a rank-list picture and logs
+it to the configured logger. Only the target domain is read (or generated, for the built-in data); the checkpoint
+is checked first.
 
 Images are resized to the checkpoint's image size (``hyper_parameters.image_size``). A ``data.height`` or
 ``data.width`` given on the command line that differs from it is an error naming both sizes, unless
@@ -12,6 +13,7 @@ Images are resized to the checkpoint's image size (``hyper_parameters.image_size
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -20,19 +22,21 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from rich.console import Console
 from rich.table import Table
 
 from dgnetpp_pl.atomic_io import write_json
-from dgnetpp_pl.callbacks.image_grid import log_image
 from dgnetpp_pl.cli import run_app
 from dgnetpp_pl.config import ConfigError, EvaluateConfig, coerce
 from dgnetpp_pl.data.datamodule import eval_loader
 from dgnetpp_pl.data.domains import build_domain
 from dgnetpp_pl.evaluation import extract_features
+from dgnetpp_pl.image_logging import log_image
 from dgnetpp_pl.inference import load_model, pick_device
 from dgnetpp_pl.instantiate import instantiate_group
+from dgnetpp_pl.run_log import rendered
 from dgnetpp_pl.visualize import rank_list_image, save_rank_list
+
+log = logging.getLogger(__name__)
 
 
 def command_line_keys() -> set[str]:
@@ -67,7 +71,7 @@ def evaluation_image_size(cfg: EvaluateConfig, trained: Sequence[int], given: Co
             f"{' and '.join(named)} ask for {size} images, but {own}. Leave data.height / data.width unset to "
             f"evaluate at the checkpoint's size, or add force_image_size=true to evaluate at {size} anyway."
         )
-    print(f"Evaluating at the checkpoint's image size {trained[0]}x{trained[1]} (not the data config's {size}).")
+    log.info(f"Evaluating at the checkpoint's image size {trained[0]}x{trained[1]} (not the data config's {size}).")
     return trained
 
 
@@ -100,7 +104,7 @@ def evaluate(cfg: EvaluateConfig | DictConfig, given: Collection[str] | None = N
     for name, label in (("plain", "plain"), ("rerank", "re-ranked")):
         if name in results:
             table.add_row(label, *(f"{100 * results[name][k]:.1f}" for k in columns))
-    Console().print(table)
+    log.info(rendered(table))
     if cfg.vis:
         n = min(cfg.vis_queries, nq)
         idx = np.linspace(0, nq - 1, n).astype(int).tolist()
@@ -109,12 +113,12 @@ def evaluate(cfg: EvaluateConfig | DictConfig, given: Collection[str] | None = N
         path = save_rank_list(image, out_dir / "rank_list.png")
         results["rank_list"] = str(path)
         for logger in instantiate_group(cfg.logger, cfg.allowed_targets, "logger"):
-            log_image(logger, "eval/rank_list", torch.from_numpy(np.asarray(image)).permute(2, 0, 1) / 255.0, 0)
+            log_image(logger, "eval/rank_list", image, 0)
             logger.log_metrics({f"eval/{k}": v for k, v in results["plain"].items()}, step=0)
             logger.finalize("success")
-        print(f"rank list: {path}")
+        log.info(f"rank list: {path}")
     write_json(out_dir / "metrics.json", results)
-    print(f"metrics: {out_dir / 'metrics.json'}")
+    log.info(f"metrics: {out_dir / 'metrics.json'}")
     return results
 
 

@@ -10,7 +10,7 @@ the queries.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from dgnetpp_pl.config import FeatureConfig
 
 METRICS = ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP")
+# The key prefix of the per-epoch evaluation when the validation loader is the target test split (no held-out
+# split): these are curves to watch, not a validation metric to select epochs or hyper-parameters on.
+PER_EPOCH_TEST = "test_per_epoch"
 
 
 class ReIDEvaluator:
@@ -148,8 +151,10 @@ class EvaluationHooks:
     """Validation and test of a LightningModule as one :class:`ReIDEvaluator` pass over the loader's query + gallery.
 
     The module provides ``embed(images) -> (B, D)``, ``evaluator`` (built with its ``all_gather``), a ``best_map``
-    buffer and ``last_eval``. Metrics are logged as ``val/*`` and ``test/*``; ``val/mAP_best`` is the best
-    ``val/mAP`` so far. Before each pass every rank takes rank 0's buffers.
+    buffer and ``last_eval``. Test metrics are logged as ``test/*``. The per-epoch validation pass is named after
+    the split it runs on: ``val/*`` (with ``val/mAP_best``, the best ``val/mAP`` so far) on a held-out split, and
+    :data:`PER_EPOCH_TEST` ``/*`` when the datamodule says it has none (``has_validation_split``), i.e. the loader
+    is the target test split. Before each pass every rank takes rank 0's buffers.
     """
 
     def _start_eval(self) -> None:
@@ -157,9 +162,12 @@ class EvaluationHooks:
         self.evaluator.reset()
         broadcast_buffers(self, self.trainer.world_size)
 
-    def _finish_eval(self, prefix: str) -> dict[str, float]:
-        loaders = self.trainer.val_dataloaders if prefix == "val" else self.trainer.test_dataloaders
-        dataset = loaders.dataset
+    def _validation_prefix(self) -> str:
+        # Loaders given to trainer.validate() without a datamodule are the caller's validation set.
+        held_out = getattr(self.trainer.datamodule, "has_validation_split", True)
+        return "val" if held_out else PER_EPOCH_TEST
+
+    def _finish_eval(self, dataset: Any, prefix: str) -> dict[str, float]:  # dataset: the ReIDImageDataset
         out = self.evaluator.evaluate(dataset.num_query, len(dataset), prefix, epoch=self.current_epoch)
         self.evaluator.reset()
         return {f"{prefix}/{k}": v for k, v in out.items()}
@@ -177,17 +185,19 @@ class EvaluationHooks:
         self._start_eval()
 
     def on_validation_epoch_end(self) -> None:
-        out = self._finish_eval("val")
+        prefix = self._validation_prefix()
+        out = self._finish_eval(self.trainer.val_dataloaders.dataset, prefix)
         if not out:
             return
-        if not self.trainer.sanity_checking:
+        if prefix == "val" and not self.trainer.sanity_checking:
             self.best_map.fill_(max(float(self.best_map), out["val/mAP"]))
             out["val/mAP_best"] = float(self.best_map)
         self.log_dict(out, sync_dist=False, rank_zero_only=False)
-        self.last_eval = out
+        if prefix == "val":  # what a resumed run reports (see DGNetPP.on_save_checkpoint)
+            self.last_eval = out
 
     def on_test_epoch_end(self) -> None:
-        out = self._finish_eval("test")
+        out = self._finish_eval(self.trainer.test_dataloaders.dataset, "test")
         if out:
             self.log_dict(out, sync_dist=False)
             self.last_eval = out

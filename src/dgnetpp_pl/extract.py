@@ -12,6 +12,7 @@ features (.pt or .npy) and a CSV of the records beside them (pid and camera from
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from dgnetpp_pl.config import ExtractConfig, coerce
 from dgnetpp_pl.data.datasets import IMAGE_EXTENSIONS, load_image, parse_market_name
 from dgnetpp_pl.data.transforms import build_test_transform
 from dgnetpp_pl.inference import load_model, pick_device
+
+log = logging.getLogger(__name__)
 
 
 class FeatureExtractor:
@@ -88,7 +91,7 @@ def extract(cfg: ExtractConfig | DictConfig) -> Path:
     files = list_images(cfg.images)
     feats = extractor(files)
     out = save_features(cfg.out, feats, files)
-    print(f"wrote {feats.shape[0]} x {feats.shape[1]} features to {out} (records in {out}.csv)")
+    log.info(f"wrote {feats.shape[0]} x {feats.shape[1]} features to {out} (records in {out}.csv)")
     return out
 
 

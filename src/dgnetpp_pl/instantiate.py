@@ -47,7 +47,7 @@ ROLES = (
 # logging.config.dictConfig calls `class` and `()` of these sections; Hydra applies hydra.job_logging before the run.
 _LOGGING = rf"hydra\.(job_logging|hydra_logging)\.(handlers|formatters|filters)\.{_NAME}"
 _LOGGING_BASES = {"handlers": "logging.Handler", "formatters": "logging.Formatter", "filters": "logging.Filter"}
-_LOGGING_PACKAGES = ("logging", "colorlog", "hydra", "hydra_plugins")
+_LOGGING_PACKAGES = ("logging", "colorlog", "hydra", "hydra_plugins", "dgnetpp_pl")  # dgnetpp_pl: its console handler
 
 
 def _walk(node: Any, key: str) -> Iterator[tuple[str, str, Any]]:

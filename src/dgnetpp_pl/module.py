@@ -11,6 +11,7 @@ which file it came from (path and SHA-256), not its weights.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,7 +30,10 @@ from dgnetpp_pl.models.generator import Generator
 from dgnetpp_pl.models.teacher import Teacher
 from dgnetpp_pl.networks import build_networks
 from dgnetpp_pl.optim import build_optimizers, optimizer_names
+from dgnetpp_pl.run_log import warning_on_rank_zero
 from dgnetpp_pl.schedule import AdaptSchedule
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -285,7 +289,7 @@ class DGNetPP(EvaluationHooks, pl.LightningModule):
             f"(epoch {self.current_epoch}, phase {self.phase})."
         )
         if int(self.nonfinite_steps) <= limit:
-            self.print(f"{msg} Skipping it ({int(self.nonfinite_steps)}/{limit} tolerated).")
+            warning_on_rank_zero(log, f"{msg} Skipping it ({int(self.nonfinite_steps)}/{limit} tolerated).")
             self.log("train/skipped_nonfinite", self.nonfinite_steps.float())
             return False
         raise NonFiniteLossError(

@@ -1,47 +1,55 @@
-"""Human-facing summaries: the before/after table printed at the end of a run, and the sweep summary file, which
-the jobs of a multirun rebuild together from their own row files."""
+"""Human-facing summaries: the before/after table logged at the end of a run (console and the run's log file),
+and the sweep summary file, which the jobs of a multirun rebuild together from their own row files."""
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from dgnetpp_pl.atomic_io import ResultFileError, atomic_write, read_json, write_json
+from dgnetpp_pl.run_log import rendered
 from dgnetpp_pl.runlock import RunLock
+
+log = logging.getLogger(__name__)
 
 
 def _pick(result: dict[str, Any], key: str) -> float | None:
-    for prefix in ("test", "val"):
-        value = result.get(f"{prefix}/{key}")
-        if value is not None:
-            return float(value)
-    return None
+    value = result.get(f"test/{key}")
+    return None if value is None else float(value)
 
 
 def summary_rows(results: dict[str, Any], labels: dict[str, str]) -> list[tuple[str, float | None, float | None]]:
-    """(model, target mAP, target Rank-1) per stage, as fractions."""
+    """(model, target mAP, target Rank-1) per stage on the target test split, as fractions (None: not tested)."""
     return [(labels.get(s, s), _pick(r, "mAP"), _pick(r, "Rank-1")) for s, r in results.items()]
 
 
-def print_summary(results: dict[str, Any], labels: dict[str, str], console: Console | None = None) -> None:
-    """Print the target metrics of each stage (percentages) and where the outputs are."""
-    console = console or Console()
-    table = Table(title="Target-domain results (final weights of each stage)")
+def summary_table(results: dict[str, Any], labels: dict[str, str]) -> Table:
+    """The target metrics of each stage's final weights on the target test split, in percent."""
+    table = Table(title="Target test split, final weights of each stage")
     for col in ("model", "target mAP", "target Rank-1"):
         table.add_column(col)
     for name, m, r1 in summary_rows(results, labels):
         table.add_row(name, "-" if m is None else f"{100 * m:.1f}", "-" if r1 is None else f"{100 * r1:.1f}")
-    console.print(table)
+    return table
+
+
+def log_summary(results: dict[str, Any], labels: dict[str, str]) -> str:
+    """Log the table of :func:`summary_table` and where the outputs are (checkpoint, swap grids, logs); returns
+    the logged text."""
+    lines = [rendered(summary_table(results, labels))]
     last = list(results.values())[-1] if results else {}
     for key, label in (("ckpt", "checkpoint"), ("swap_grids", "swap grids"), ("output_dir", "logs")):
-        if key in last:
-            console.print(f"{label}: {last[key]}")
+        if key in last and Path(last[key]).exists():  # no swap grids without a validation pass
+            lines.append(f"{label}: {last[key]}")
+    text = "\n".join(lines)
+    log.info(text)
+    return text
 
 
 SUMMARY_ROWS = ".summary_rows"  # one JSON file per job, in the sweep folder

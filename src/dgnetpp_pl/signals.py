@@ -18,6 +18,7 @@ setup, the final test). Under DDP every rank takes each decision together (one a
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -29,7 +30,10 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+from dgnetpp_pl.run_log import info_on_rank_zero
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointOnSigterm(Checkpoint):
@@ -75,7 +79,7 @@ class CheckpointOnSigterm(Checkpoint):
     def _save(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.last_path)  # collective: every rank calls it, rank 0 writes
         self.saved = self.last_path
-        rank_zero_info(f"SIGTERM: saved {self.last_path} at global step {trainer.global_step}.")
+        info_on_rank_zero(log, f"SIGTERM: saved {self.last_path} at global step {trainer.global_step}.")
 
     def _saved_by_epoch_end_checkpoint(self, trainer: pl.Trainer) -> bool:
         """Whether a ModelCheckpoint wrote ``last.ckpt`` at this epoch end (same global step): it holds this state."""
@@ -131,7 +135,8 @@ class CheckpointOnSigterm(Checkpoint):
         """Report where training can resume from and leave with status 0."""
         where = f"saved {self.saved}" if self.saved else f"the last checkpoint in {self.dirpath} is kept"
         run_dir = self.dirpath.parent.parent  # <run>/checkpoints/<stage>
-        rank_zero_info(
-            f"Stopped on SIGTERM; {where}. Resume with the same command plus hydra.run.dir={run_dir} ckpt_path=last."
+        info_on_rank_zero(
+            log,
+            f"Stopped on SIGTERM; {where}. Resume with the same command plus hydra.run.dir={run_dir} ckpt_path=last.",
         )
         raise SystemExit(0)

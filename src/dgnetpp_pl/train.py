@@ -19,6 +19,7 @@ Wiring of one stage (every object receives its typed config section; data flows 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from dgnetpp_pl.allocator import keep_freed_memory
-from dgnetpp_pl.atomic_io import write_json
+from dgnetpp_pl.atomic_io import previous_path, write_json
 from dgnetpp_pl.callbacks.image_grid import SwapGridCallback
 from dgnetpp_pl.callbacks.pseudo_label import PseudoLabelCallback
 from dgnetpp_pl.checkpoints import (
@@ -43,7 +44,7 @@ from dgnetpp_pl.data.datamodule import CrossDomainDataModule
 from dgnetpp_pl.instantiate import instantiate_group
 from dgnetpp_pl.label_store import PseudoLabelStore
 from dgnetpp_pl.module import DGNetPP
-from dgnetpp_pl.report import print_summary, write_sweep_summary
+from dgnetpp_pl.report import log_summary, write_sweep_summary
 from dgnetpp_pl.resume_check import (
     ApplyResumedRates,
     check_before_start,
@@ -52,6 +53,7 @@ from dgnetpp_pl.resume_check import (
     finished_result,
     with_run_config,
 )
+from dgnetpp_pl.run_log import info_on_rank_zero
 from dgnetpp_pl.schedule import TEACHER_PHASES, AdaptSchedule
 from dgnetpp_pl.signals import CheckpointOnSigterm
 from dgnetpp_pl.teacher_checkpoint import check_teacher_reference, load_teacher, save_teacher, teacher_reference
@@ -62,6 +64,8 @@ STAGE_LABELS = {
     "source": "direct transfer (source-only)",
     "adapt": "DG-Net++ adapted",
 }
+
+log = logging.getLogger(__name__)
 
 
 def build_datamodule(
@@ -194,18 +198,18 @@ def build_stage_model(
     dm: CrossDomainDataModule,
     schedule: AdaptSchedule,
     resume: str | None,
-    init_ckpt: str | None = None,
+    init_state: dict[str, Any] | None = None,
     teacher_ckpt: str | None = None,
 ) -> TeacherModule | DGNetPP:
-    """The stage's module: the teacher stage's, or DG-Net(++) started from ``init_ckpt`` (adapt, unless resumed)
+    """The stage's module: the teacher stage's, or DG-Net(++) started from ``init_state`` (the source-stage
+    checkpoint's state dict: adapt, unless resumed)
     with the teacher of ``teacher_ckpt`` attached when its schedule trains with one. A resumed checkpoint must have
     been trained with the same teacher file content (or none)."""
     model = build_module(cfg, stage, dm.num_source_ids, schedule)
     if stage == "teacher":
         return model
-    if stage == "adapt" and resume is None:
-        state = load_checkpoint(init_ckpt)["state_dict"]
-        model.load_source_stage(state, keep_source_classifier=cfg.adapt.keep_source_classifier)
+    if init_state is not None:
+        model.load_source_stage(init_state, keep_source_classifier=cfg.adapt.keep_source_classifier)
     if schedule.with_teacher:
         if teacher_ckpt is None:
             raise ConfigError(f"The {stage} stage trains with the teacher terms but no teacher checkpoint was given.")
@@ -241,8 +245,11 @@ def run_stage(
     resume = resolve_resume(cfg.ckpt_path, stage_dir) if cfg.ckpt_path else None
     if cfg.ckpt_path and done_file.exists():
         # This stage finished before the interruption: reuse it, if the config agrees with the one it ran with.
+        info_on_rank_zero(log, f"{stage} stage: finished before, reusing its result ({done_file})")
         return finished_result(done_file, cfg, stage)
     resumed = check_checkpoint(resume, cfg, stage) if resume else None  # before anything is written
+    # Every checkpoint is read before any data is touched (the built-in data is generated on first use).
+    init_state = load_checkpoint(init_ckpt)["state_dict"] if stage == "adapt" and resume is None else None
 
     labels = PseudoLabelStore() if stage == "adapt" else None
     schedule = build_schedule(cfg, stage, with_teacher=uses_teacher(cfg, stage))
@@ -255,7 +262,7 @@ def run_stage(
             f"pseudo_label.k={cfg.pseudo_label.k} is larger than the number of target train images ({n_target}); "
             f"set pseudo_label.k <= {n_target}."
         )
-    model = build_stage_model(cfg, stage, dm, schedule, resume, init_ckpt, teacher_ckpt)
+    model = build_stage_model(cfg, stage, dm, schedule, resume, init_state, teacher_ckpt)
     if resumed is not None:  # the data on disk may differ from the checkpoint's (e.g. its number of identities)
         check_model(resumed.hyper_parameters, model.hparams, resumed.path)
 
@@ -288,6 +295,8 @@ def run_stage(
     if trainer.is_global_zero:
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_json(done_file, with_run_config(result, cfg))
+        # Only an unfinished stage resumes from last.ckpt, so its fallback copy is no longer needed.
+        previous_path(stage_dir / "last.ckpt").unlink(missing_ok=True)
     return result
 
 
@@ -325,7 +334,7 @@ def evaluate_stage(cfg: RootConfig) -> dict[str, Any]:
     results = {stage: result}
     if rank_zero_only.rank == 0:
         write_json(out_dir / "eval_metrics.json", results)
-        print_summary(results, STAGE_LABELS)
+        log_summary(results, STAGE_LABELS)
     return results
 
 
@@ -383,7 +392,7 @@ def train(cfg: RootConfig | DictConfig) -> dict[str, Any]:
     if rank_zero_only.rank == 0:
         out_dir = Path(cfg.paths.output_dir)
         write_json(out_dir / "metrics.json", results)
-        print_summary(results, STAGE_LABELS)
+        log_summary(results, STAGE_LABELS)
     return results
 
 
@@ -393,9 +402,27 @@ def optimized_value(cfg: RootConfig, results: dict[str, Any]) -> float | None:
     return None if value is None else float(value)
 
 
+def check_optimized_metric(cfg: RootConfig) -> None:
+    """A sweeper that optimises the returned metric (one with a ``direction``, e.g. Optuna) must get a value:
+    ``val/*`` exists only with a held-out split (``data.val_split > 0``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    optimises = hc.mode == RunMode.MULTIRUN and "direction" in (hc.sweeper or {})
+    if optimises and cfg.optimized_metric.startswith("val/") and cfg.data.val_split == 0:
+        raise ConfigError(
+            f"optimized_metric={cfg.optimized_metric} needs a held-out validation split, but data.val_split=0 "
+            "(tuning on the target test split is refused). Set data.val_split>0 (hparams_search=optuna sets 0.2)."
+        )
+
+
 def train_task(cfg: DictConfig) -> float | None:
     """The Hydra task: the process-wide allocator setting, training, the sweep summary; returns the metric."""
     typed = validate_config(cfg)
+    check_optimized_metric(typed)
     if typed.keep_freed_memory:
         keep_freed_memory()
     results = train(typed)

@@ -1,1 +1,1 @@
-"""Lightning callbacks: pseudo-labelling and image grids."""
+"""Lightning callbacks: pseudo-labelling, image grids and the progress bar."""

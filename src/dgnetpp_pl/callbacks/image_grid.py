@@ -1,4 +1,5 @@
-"""SwapGridCallback: appearance/structure swap grids written to disk and sent to every logger."""
+"""SwapGridCallback: appearance/structure swap grids written to disk and sent to every logger (the same 8-bit
+pixels to each, see :mod:`dgnetpp_pl.image_logging`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from dgnetpp_pl.data.transforms import denormalize
+from dgnetpp_pl.image_logging import log_image, save_png, to_uint8
 
 
 def swap_grid(module, structure: Tensor, appearance: Tensor, decoder: str = "a") -> Tensor:
@@ -60,16 +62,8 @@ class SwapGridCallback(pl.Callback):
         self.last_paths = []
         for name, grid in grids.items():
             path = out_dir / f"{stage}_epoch{trainer.current_epoch:03d}_{name}.png"
-            save_image(grid, path)
+            pixels = to_uint8(grid)  # one conversion for the file and every logger
+            save_png(pixels, path)
             self.last_paths.append(path)
             for logger in trainer.loggers:
-                log_image(logger, f"images/{stage}_{name}", grid, trainer.global_step)
-
-
-def log_image(logger: pl.loggers.Logger, key: str, image: Tensor, step: int) -> None:
-    """Send one ``(3, H, W)`` image in [0, 1] to a logger that can take images."""
-    exp = getattr(logger, "experiment", None)
-    if isinstance(logger, pl.loggers.WandbLogger):
-        logger.log_image(key=key, images=[image.permute(1, 2, 0).cpu().numpy()], step=step)
-    elif isinstance(logger, pl.loggers.TensorBoardLogger) and exp is not None:
-        exp.add_image(key, image.cpu(), global_step=step)
+                log_image(logger, f"images/{stage}_{name}", pixels, trainer.global_step)

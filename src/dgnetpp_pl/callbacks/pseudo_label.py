@@ -12,6 +12,7 @@ module's classifier rows through its one surgery method, ``set_target_classes``.
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 import zlib
@@ -26,10 +27,13 @@ from dgnetpp_pl.evaluation import ReIDEvaluator, extract_features
 from dgnetpp_pl.features import check_finite
 from dgnetpp_pl.label_store import PseudoLabelStore
 from dgnetpp_pl.pseudo_labels import METHODS, cluster_centroids, cluster_stats
+from dgnetpp_pl.run_log import info_on_rank_zero
 from dgnetpp_pl.schedule import AdaptSchedule
 
 if TYPE_CHECKING:
     from dgnetpp_pl.config import PseudoLabelConfig
+
+log = logging.getLogger(__name__)
 
 
 class PseudoLabelCallback(pl.Callback):
@@ -131,6 +135,5 @@ class PseudoLabelCallback(pl.Callback):
         # Straight to the loggers: Lightning's self.log is not allowed in on_fit_start.
         for logger in trainer.loggers:
             logger.log_metrics({f"pseudo/{k}": v for k, v in stats.items()}, step=trainer.global_step)
-        if trainer.is_global_zero:
-            summary = ", ".join(f"{k}={v:.3g}" for k, v in stats.items())
-            pl_module.print(f"[pseudo-labels before epoch {for_epoch}] {summary}")
+        summary = ", ".join(f"{k}={v:.3g}" for k, v in stats.items())
+        info_on_rank_zero(log, f"[pseudo-labels before epoch {for_epoch}] {summary}")

@@ -208,6 +208,12 @@ class CrossDomainDataModule(pl.LightningDataModule):
     def val_num_query(self) -> int:
         return len(self.val_query_records)
 
+    @property
+    def has_validation_split(self) -> bool:
+        """Whether the validation loader holds out target train identities (``data.val_split > 0``); otherwise it
+        runs over the target test split, and its metrics must not select anything."""
+        return self.config.val_split > 0
+
     # ------------------------------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
