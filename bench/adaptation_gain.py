@@ -60,8 +60,19 @@ VARIANTS = {
 }
 
 
+# Set by --reuse: a run whose folder holds its metrics.json and the record of the same overrides is read back
+# instead of trained again.
+REUSE = False
+RECORD_FILE = "bench_run.json"
+
+
 def run(overrides: list[str], out_dir: Path, log: Path) -> tuple[dict, float]:
     """One ``python -m dgnetpp_pl`` run; returns its metrics.json and wall seconds."""
+    record = out_dir / RECORD_FILE
+    if REUSE and (out_dir / "metrics.json").is_file() and record.is_file():
+        done = json.loads(record.read_text())
+        if done["overrides"] == overrides:
+            return json.loads((out_dir / "metrics.json").read_text()), float(done["wall_s"])
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "dgnetpp_pl", "experiment=demo", "logger=csv", *overrides]
     cmd.append(f"hydra.run.dir={out_dir}")
@@ -71,6 +82,7 @@ def run(overrides: list[str], out_dir: Path, log: Path) -> tuple[dict, float]:
     took = time.perf_counter() - start
     if rc != 0:
         raise RuntimeError(f"run failed (exit {rc}): {' '.join(cmd)}\nsee {log}:\n{log.read_text()[-3000:]}")
+    record.write_text(json.dumps({"overrides": overrides, "wall_s": round(took, 1)}))
     return json.loads((out_dir / "metrics.json").read_text()), took
 
 
@@ -96,9 +108,14 @@ def main(argv: list[str] | None = None) -> None:
         "--variants", default="none", help="'all', 'none' (default), or a comma list of indices into VARIANTS"
     )
     parser.add_argument("--work-dir", type=Path, default=HERE / "results" / "adaptation_gain")
+    parser.add_argument(
+        "--reuse", action="store_true", help="read back the runs of --work-dir that finished (same overrides!)"
+    )
     parser.add_argument("--json", type=Path, help="also write every run's figures to this JSON file")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. paths.data_dir=...)")
     args = parser.parse_args(argv)
+    global REUSE
+    REUSE = args.reuse
     seeds = [int(s) for s in args.seeds.split(",") if s]
     ablation_seeds = [int(s) for s in args.ablation_seeds.split(",") if s] if args.ablation_seeds else seeds
     settings = ["off", "on"] if args.teacher == "both" else [args.teacher]
