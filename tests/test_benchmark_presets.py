@@ -65,9 +65,10 @@ def test_a_real_preset_trains_each_role_on_its_own_dataset(
     assert proc.returncode == 0, proc.stderr[-4000:]
     trees = {"source": benchmark_sizes[source], "target": benchmark_sizes[target]}
 
-    # The run's log names the folder each role read and what it found there (once per stage).
+    # The run's log names the folder each role read and what it found there, once per stage: the real presets
+    # train with the teacher terms, so the teacher stage comes first.
     read = [m.groups() for m in READ.finditer((out / f"{experiment}.log").read_text())]
-    assert [role for role, *_ in read] == ["source", "target"] * 2, read
+    assert [role for role, *_ in read] == ["source", "target"] * 3, read
     for role, _reader, root, images, ids, query, gallery in read:
         assert Path(root) == (benchmark_data_dir / str(trees[role]["folder"])).resolve(), (role, root)
         sizes = {"train_images": int(images), "train_ids": int(ids), "query": int(query), "gallery": int(gallery)}
@@ -87,9 +88,12 @@ def test_a_real_preset_trains_each_role_on_its_own_dataset(
     assert labels.numel() == expected_sizes(trees["target"])["train_images"]
     assert int(second["state_dict"]["num_target_classes"]) > 0 and int(labels.max()) < K
 
+    teacher = torch.load(out / "checkpoints" / "teacher" / "final.ckpt", weights_only=True, map_location="cpu")
+    assert teacher["hyper_parameters"]["teacher"]["num_classes"] == n_source
+    assert second["dgnetpp"]["teacher"]["path"] == str((out / "checkpoints" / "teacher" / "final.ckpt").resolve())
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"source", "adapt"}
-    for stage in ("source", "adapt"):
+    assert set(metrics) == {"teacher", "source", "adapt"}
+    for stage in ("teacher", "source", "adapt"):
         assert 0.0 <= metrics[stage]["test/mAP"] <= 1.0 and 0.0 <= metrics[stage]["test/Rank-1"] <= 1.0
 
 
