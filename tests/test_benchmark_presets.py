@@ -26,6 +26,7 @@ TINY = [
     "data.height=128",
     "data.width=64",
     "trainer.limit_train_batches=1",
+    "data.val_split=0",  # every target train image is pseudo-labelled (debug=tiny holds a quarter out)
 ]
 K = 8  # pseudo_label.k of debug=tiny: the target rows the joint classifier reserves
 # What the run logs for each role: the reader, its folder and the sizes it read.
