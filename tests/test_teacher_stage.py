@@ -115,6 +115,10 @@ def test_stage_teacher_alone_trains_the_same_teacher(pipeline, tmp_path, tiny_ov
     assert max_weight_diff(ours, load_teacher(pipeline / "checkpoints" / "teacher" / "final.ckpt").state_dict()) == 0
 
 
+# The resume leaves the probe callback out, which the checkpoint's config has: resume_override names it.
+RESUME = ["ckpt_path=last", "resume_override=[callbacks.probe]"]
+
+
 def test_resume_across_the_stages_equals_the_uninterrupted_pipeline(pipeline, tmp_path, tiny_overrides):
     """SIGTERM in the teacher stage's first batch; the resumed run finishes all three stages as the uninterrupted
     one did."""
@@ -125,7 +129,7 @@ def test_resume_across_the_stages_equals_the_uninterrupted_pipeline(pipeline, tm
     assert "signal_probe: SIGTERM" in stopped.stdout
     assert (run_dir / "checkpoints" / "teacher" / "last.ckpt").is_file()
     assert not (run_dir / "checkpoints" / "source").exists()
-    cli(tmp_path, [*args, "ckpt_path=last"])
+    cli(tmp_path, [*args, *RESUME])
     for stage in ("source", "adapt"):
         a = load_checkpoint(pipeline / "checkpoints" / stage / "final.ckpt")
         b = load_checkpoint(run_dir / "checkpoints" / stage / "final.ckpt")
@@ -155,14 +159,14 @@ def test_teacher_ckpt_skips_the_stage_and_a_resume_refuses_another_teacher(pipel
     with torch.no_grad():
         other.head.classifier.bias.add_(0.5)
     save_teacher(other, teacher_file)
-    refused = cli(tmp_path, [*args, "ckpt_path=last"], ok=False)
+    refused = cli(tmp_path, [*args, *RESUME], ok=False)
     assert refused.returncode != 0
     message = " ".join((refused.stdout + refused.stderr).split())
     assert "last.ckpt was trained with the teacher" in message and str(teacher_file) in message
     assert file_sha256(teacher_file) in message
 
     teacher_file.write_bytes(original)
-    cli(tmp_path, [*args, "ckpt_path=last"])
+    cli(tmp_path, [*args, *RESUME])
     assert list(json.loads((run_dir / "metrics.json").read_text())) == ["source"]
     a = load_checkpoint(pipeline / "checkpoints" / "source" / "final.ckpt")
     b = load_checkpoint(run_dir / "checkpoints" / "source" / "final.ckpt")

@@ -415,6 +415,8 @@ class ApplyResumedRates(pl.Callback):
         fresh = pl_module.configure_optimizers()  # built from the current config: its rates are the new bases
         fresh_opts = fresh[0] if isinstance(fresh, tuple) else fresh
         fresh_opts = fresh_opts if isinstance(fresh_opts, list | tuple) else [fresh_opts]
+        # Lightning's dict form {"optimizer": ..., "lr_scheduler": ...} (the teacher stage), alone or in a list.
+        fresh_opts = [o["optimizer"] if isinstance(o, Mapping) else o for o in fresh_opts]
         schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
         if len(fresh_opts) != len(trainer.optimizers) or len(schedulers) != len(trainer.optimizers):
             return
