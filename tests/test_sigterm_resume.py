@@ -36,6 +36,19 @@ def cli(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
+def assert_same_training_state(a: dict, b: dict, case: str) -> None:
+    """Two checkpoints hold the same weights, loop counters and optimiser states, exactly."""
+    diff = max((a["state_dict"][k].double() - b["state_dict"][k].double()).abs().max().item() for k in a["state_dict"])
+    print(f"{case}: max abs weight difference {diff:.3g}")
+    assert diff == 0.0
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        for key, state in opt_a["state"].items():
+            for name, value in state.items():
+                other = opt_b["state"][key][name]
+                assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
 @pytest.fixture(scope="module")
 def run_args(tiny_overrides: list[str], tiny_source_ckpt: Path) -> list[str]:
     # 3 epochs of 2 batches: warm-up, then self-training with a refresh before epochs 1 and 2.
@@ -96,15 +109,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(
     a = load_checkpoint(uninterrupted / "checkpoints" / "adapt" / "final.ckpt")
     b = load_checkpoint(stage / "final.ckpt")
     assert a["state_dict"].keys() == b["state_dict"].keys()
-    diff = max((a["state_dict"][k].double() - b["state_dict"][k].double()).abs().max().item() for k in a["state_dict"])
-    print(f"{case}: max abs weight difference {diff:.3g}")
-    assert diff == 0.0
-    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
-    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
-        for key, state in opt_a["state"].items():
-            for name, value in state.items():
-                other = opt_b["state"][key][name]
-                assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+    assert_same_training_state(a, b, case)
     pl_a, pl_b = ({k: v for k, v in c["callbacks"].items() if "PseudoLabelCallback" in k} for c in (a, b))
     # The pseudo-labels live in the label store, which the pseudo-label callback checkpoints.
     ((labels_a,), (labels_b,)) = ([v["labels"] for v in pl.values()] for pl in (pl_a, pl_b))
@@ -158,13 +163,5 @@ def test_sigterm_mid_epoch_with_the_official_mix_resumes_exactly(
     )
     a = load_checkpoint(official_uninterrupted / "checkpoints" / "adapt" / "final.ckpt")
     b = load_checkpoint(stage / "final.ckpt")
-    diff = max((a["state_dict"][k].double() - b["state_dict"][k].double()).abs().max().item() for k in a["state_dict"])
-    print(f"official mix, mid-epoch: max abs weight difference {diff:.3g}")
-    assert diff == 0.0
-    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
-    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
-        for key, state in opt_a["state"].items():
-            for name, value in state.items():
-                other = opt_b["state"][key][name]
-                assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+    assert_same_training_state(a, b, "official mix, mid-epoch")
     assert [s["last_epoch"] for s in a["lr_schedulers"]] == [s["last_epoch"] for s in b["lr_schedulers"]]
