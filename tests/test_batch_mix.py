@@ -221,3 +221,39 @@ def test_bad_mix_settings_name_the_keys() -> None:
     with pytest.raises(ConfigError, match="data.pairing"):
         typed_train("experiment=demo", "data.pairing=mixed")
     assert typed_train("experiment=demo", "data.xx_port=0.8", "data.ab_port=0.2").data.ab_port == 0.2
+
+
+@pytest.mark.parametrize("pairing", ["official", "cross"])
+def test_a_new_train_loader_starts_at_the_epoch_lightning_is_about_to_run(
+    synthetic_data_dir: Path, pairing: str
+) -> None:
+    """A resumed run trains on the loader iterator Lightning builds before it calls ``set_epoch``, and loader
+    workers draw their first batches as that iterator is built: the loader must already be at the right epoch."""
+    from types import SimpleNamespace
+
+    dm = make_dm(synthetic_data_dir, schedule=SELF_TRAINING) if pairing == "official" else None
+    if dm is None:
+        dm = CrossDomainDataModule(small_data_config(synthetic_data_dir))
+        dm.prepare_data()
+        dm.setup("fit")
+    dm.labels.update(np.arange(len(dm.target_train_records)) % 3, for_epoch=0)
+    progress = SimpleNamespace(current=SimpleNamespace(processed=2, completed=2))
+    dm.trainer = SimpleNamespace(
+        current_epoch=2, world_size=1, global_rank=0, fit_loop=SimpleNamespace(epoch_progress=progress)
+    )
+    assert dm.train_dataloader().sampler.epoch == 2
+    dm.config.num_workers = 2
+    with_workers = iter(dm.train_dataloader())  # the workers draw from the sampler here, before any set_epoch
+    dm.config.num_workers = 0
+    dm.trainer = None  # an epoch-0 loader, then told its epoch as Lightning does
+    reference = dm.train_dataloader()
+    reference.sampler.set_epoch(2)
+    wanted = list(reference)
+    for want in wanted[:3]:
+        got = next(with_workers)
+        assert got.keys() == want.keys()
+        if "skip" in want:
+            assert got == want
+            continue
+        for domain in want:
+            assert all(torch.equal(got[domain][k], want[domain][k]) for k in ("image", "label", "index"))

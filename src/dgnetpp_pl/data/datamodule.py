@@ -5,7 +5,8 @@ How pseudo-labels reach the batches: the train sampler (:mod:`dgnetpp_pl.data.sa
 of the previous epoch, or before ``fit``) are used for that whole epoch. The trainer still rebuilds the train
 loader every epoch (``reload_dataloaders_every_n_epochs=1`` in ``train.py``): with
 ``data.drop_target_outliers`` the epoch's length follows the labels, and Lightning reads the length only when it
-builds a loader. The epoch is Lightning's: it calls the sampler's ``set_epoch`` before each epoch.
+builds a loader. The epoch is Lightning's: the new loader's sampler starts at the epoch Lightning is about to run, and
+Lightning calls its ``set_epoch`` before each epoch.
 
 With ``data.pairing=official`` the adapt stage's sampler is :class:`~dgnetpp_pl.data.batch_mix.MixSampler`, which
 yields whole type-homogeneous batches and deals them to the ranks itself (Lightning leaves it unwrapped).
@@ -222,7 +223,7 @@ class CrossDomainDataModule(pl.LightningDataModule):
             self.labels.labels_for(len(self._target_train))  # labels of other data (a foreign checkpoint) fail here
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         if len(self.schedule.batch_types(epoch)) > 1:
-            return self._mix_dataloader()
+            return self._mix_dataloader(self._epoch_to_run())
         if self.teacher is not None:
             batch_size = self.teacher.batch_size
         else:
@@ -235,6 +236,7 @@ class CrossDomainDataModule(pl.LightningDataModule):
             seed=self.seed,
             drop_target_outliers=self.config.drop_target_outliers,
         )
+        sampler.set_epoch(self._epoch_to_run())
         # A ResumableDataLoader continues a mid-epoch checkpoint's epoch where it stopped.
         return make_loader(
             self._train_set,
@@ -245,8 +247,14 @@ class CrossDomainDataModule(pl.LightningDataModule):
             drop_last=True,
         )
 
-    def _mix_dataloader(self) -> DataLoader:
-        """The official mix: whole batches from a rank-aware sampler (``batch_size=None``)."""
+    def _epoch_to_run(self) -> int:
+        """The epoch the new train loader is for: the one Lightning passes to ``set_epoch``. It does so only after
+        building the loader's first iterator, and a resumed run trains on that iterator (whose workers, if any,
+        already drew their first batches), so the sampler must know its epoch from the start."""
+        return 0 if self.trainer is None else int(self.trainer.fit_loop.epoch_progress.current.processed)
+
+    def _mix_dataloader(self, epoch: int) -> DataLoader:
+        """The official mix: whole batches from a rank-aware sampler (``batch_size=None``) for ``epoch``."""
         trainer = self.trainer
         c = self.config
         sampler = MixSampler(
@@ -262,6 +270,7 @@ class CrossDomainDataModule(pl.LightningDataModule):
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
         )
+        sampler.set_epoch(epoch)
         dataset = MixedBatchDataset(self._train_set)
         return make_loader(dataset, None, c.num_workers, cls=ResumableDataLoader, sampler=sampler)
 
