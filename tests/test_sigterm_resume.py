@@ -112,7 +112,9 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(
     assert (progress["processed"], progress["completed"]) == (processed, completed)
 
     # The resume leaves the probe out: a callback the checkpoint's config has, so resume_override names it.
-    cli(tmp_path, [*run_args, *extra, f"hydra.run.dir={run_dir}", "ckpt_path=last", "resume_override=[callbacks.probe]"])
+    cli(
+        tmp_path, [*run_args, *extra, f"hydra.run.dir={run_dir}", "ckpt_path=last", "resume_override=[callbacks.probe]"]
+    )
 
     a = load_checkpoint(uninterrupted / "checkpoints" / "adapt" / "final.ckpt")
     b = load_checkpoint(stage / "final.ckpt")
