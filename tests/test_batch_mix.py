@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -229,10 +230,9 @@ def test_a_new_train_loader_starts_at_the_epoch_lightning_is_about_to_run(
 ) -> None:
     """A resumed run trains on the loader iterator Lightning builds before it calls ``set_epoch``, and loader
     workers draw their first batches as that iterator is built: the loader must already be at the right epoch."""
-    from types import SimpleNamespace
-
-    dm = make_dm(synthetic_data_dir, schedule=SELF_TRAINING) if pairing == "official" else None
-    if dm is None:
+    if pairing == "official":
+        dm = make_dm(synthetic_data_dir, schedule=SELF_TRAINING)
+    else:
         dm = CrossDomainDataModule(small_data_config(synthetic_data_dir))
         dm.prepare_data()
         dm.setup("fit")

@@ -222,8 +222,9 @@ class CrossDomainDataModule(pl.LightningDataModule):
         if not source_only:
             self.labels.labels_for(len(self._target_train))  # labels of other data (a foreign checkpoint) fail here
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        to_run = self._epoch_to_run()
         if len(self.schedule.batch_types(epoch)) > 1:
-            return self._mix_dataloader(self._epoch_to_run())
+            return self._mix_dataloader(to_run)
         if self.teacher is not None:
             batch_size = self.teacher.batch_size
         else:
@@ -236,7 +237,7 @@ class CrossDomainDataModule(pl.LightningDataModule):
             seed=self.seed,
             drop_target_outliers=self.config.drop_target_outliers,
         )
-        sampler.set_epoch(self._epoch_to_run())
+        sampler.set_epoch(to_run)
         # A ResumableDataLoader continues a mid-epoch checkpoint's epoch where it stopped.
         return make_loader(
             self._train_set,
