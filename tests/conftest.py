@@ -211,7 +211,9 @@ def synthetic_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tiny_overrides(data_dir: Path) -> list[str]:
-    return ["experiment=demo", "debug=tiny", f"paths.data_dir={data_dir}", "logger=csv", "callbacks.swap_grid=null"]
+    from configs import TINY_DEMO
+
+    return [*TINY_DEMO, f"paths.data_dir={data_dir}", "logger=csv", "callbacks.swap_grid=null"]
 
 
 @pytest.fixture(scope="session")
@@ -224,12 +226,12 @@ def tiny_overrides(synthetic_data_dir: Path) -> list[str]:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path) -> tuple[Path, dict]:
     """One tiny two-stage run (source stage, then warm-up, a pseudo-label refresh and self-training, each stage
     validated and tested, swap grids on) shared by the end-to-end tests: ``(output dir, results)``."""
-    from configs import compose_train
+    from configs import TINY_DEMO, compose_train
 
     from dgnetpp_pl.train import train
 
     out = tmp_path_factory.mktemp("tiny_run")
-    overrides = ["experiment=demo", "debug=tiny", f"paths.data_dir={synthetic_data_dir}", f"paths.output_dir={out}"]
+    overrides = [*TINY_DEMO, f"paths.data_dir={synthetic_data_dir}", f"paths.output_dir={out}"]
     return out, train(compose_train(*overrides, "logger=csv"))
 
 

@@ -77,6 +77,7 @@ def test_extract_composes() -> None:
 def test_experiment_composes_and_validates(experiment: str) -> None:
     merged = typed_train(f"experiment={experiment}")
     assert merged.model.loss.lambda_cyc == 2.0 and merged.model.loss.lambda_id == 0.5
+    assert merged.data.pairing == "official"  # every preset trains on the official batch mix, the demo too
     paper = experiment not in ("demo",)
     assert merged.model.pretrained == paper and (merged.model.appearance.arch == "resnet50") == paper
     if experiment == "duke2market":

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from configs import compose_train
+from configs import TINY_DEMO, compose_train
 
 from dgnetpp_pl.checkpoints import CheckpointError
 from dgnetpp_pl.config import ConfigError, EvaluateConfig, coerce
@@ -84,7 +84,7 @@ def test_evaluate_uses_the_checkpoints_size_and_refuses_another_from_the_command
 
 # ------------------------------------------------------------------------------------------- train=false
 def tiny(data_dir: Path, out: Path, *extra: str):
-    return compose_train("experiment=demo", "debug=tiny", f"paths.data_dir={data_dir}", "logger=csv",
+    return compose_train(*TINY_DEMO, f"paths.data_dir={data_dir}", "logger=csv",
                          f"paths.output_dir={out}", "train=false", *extra)  # fmt: skip
 
 

@@ -88,7 +88,8 @@ def executed(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path)
     """Run the three notebooks in order (01 on the tiny preset); returns the executed notebooks and the run dir."""
     tmp = tmp_path_factory.mktemp("notebooks")
     run_dir = tmp / "run"
-    overrides = ["debug=tiny", f"paths.data_dir={synthetic_data_dir}", f"paths.output_dir={run_dir}"]
+    overrides = ["debug=tiny", "data.pairing=cross"]  # as TINY_DEMO: the notebook adds experiment=demo
+    overrides += [f"paths.data_dir={synthetic_data_dir}", f"paths.output_dir={run_dir}"]
     env = {
         "DGNETPP_NOTEBOOK_OVERRIDES": shlex.join(overrides),
         "DGNETPP_NOTEBOOK_STATE": str(tmp / "state.json"),

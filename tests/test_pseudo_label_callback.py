@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from configs import typed_train
+from configs import TINY_DEMO, typed_train
 
 from dgnetpp_pl.callbacks.pseudo_label import PseudoLabelCallback
 from dgnetpp_pl.features import embed_images
@@ -24,7 +24,7 @@ K = 8
 
 @pytest.fixture(scope="module")
 def datamodule(synthetic_data_dir: Path):
-    cfg = typed_train("experiment=demo", "debug=tiny", f"paths.data_dir={synthetic_data_dir}")
+    cfg = typed_train(*TINY_DEMO, f"paths.data_dir={synthetic_data_dir}")
     dm = build_datamodule(cfg, "adapt")
     dm.prepare_data()
     dm.setup("fit")

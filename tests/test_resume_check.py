@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from configs import compose_train, typed_train
+from configs import TINY_DEMO, compose_train, typed_train
 
 from dgnetpp_pl.checkpoints import RUN_CONFIG_KEY, load_checkpoint
 from dgnetpp_pl.config import ConfigError, plain, validate_config
@@ -24,7 +24,7 @@ from dgnetpp_pl.resume_check import ResumeMismatch, check_model, compare_configs
 from dgnetpp_pl.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ("experiment=demo", "debug=tiny")
+TINY = TINY_DEMO
 
 
 def verdicts(stored: tuple[str, ...], current: tuple[str, ...], stage: str = "adapt", override=()) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from configs import typed_train
+from configs import TINY_DEMO, typed_train
 from PIL import Image
 from torchvision.utils import save_image
 
@@ -172,7 +172,7 @@ def test_a_run_checks_its_checkpoints_before_it_generates_any_data(tmp_path: Pat
     from dgnetpp_pl.train import train
 
     data_dir = tmp_path / "data"
-    base = ["experiment=demo", "debug=tiny", f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path / 'run'}"]
+    base = [*TINY_DEMO, f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path / 'run'}"]
     bad = tmp_path / "source.ckpt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"source.ckpt is truncated or corrupt"):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from configs import compose_train, typed_train
+from configs import TINY_DEMO, compose_train, typed_train
 from reference_metrics import reference
 
 from dgnetpp_pl import train as train_module
@@ -76,7 +76,7 @@ def test_the_pipeline_trains_the_teacher_first_and_uses_it_where_the_schedule_sa
     teacher_file = pipeline / "checkpoints" / "teacher" / "final.ckpt"
     assert metrics["teacher"]["ckpt"] == str(teacher_file)
     teacher = load_teacher(teacher_file)
-    cfg = typed_train("experiment=demo", "debug=tiny", f"paths.data_dir={synthetic_data_dir}")
+    cfg = typed_train(*TINY_DEMO, f"paths.data_dir={synthetic_data_dir}")
     source = build_domain(cfg.data.source, cfg.data.synthetic, cfg.data.data_dir, "source")
     assert teacher.num_classes == source.num_train_pids and teacher.arch == "resnet18"
 
@@ -189,7 +189,7 @@ def test_a_converted_official_teacher_trains_the_source_stage_and_stays_frozen(
 ):
     """An official baseline teacher (ResNet-50 ``ft_net``, as the export direction writes it) converted with
     ``convert kind=teacher`` is accepted as ``teacher_ckpt=``."""
-    cfg = typed_train("experiment=demo", "debug=tiny", f"paths.data_dir={synthetic_data_dir}")
+    cfg = typed_train(*TINY_DEMO, f"paths.data_dir={synthetic_data_dir}")
     source = build_domain(cfg.data.source, cfg.data.synthetic, cfg.data.data_dir, "source")
     torch.manual_seed(0)
     ours = save_teacher(Teacher(source.num_train_pids).eval(), tmp_path / "ours.ckpt")
@@ -204,7 +204,7 @@ def test_a_converted_official_teacher_trains_the_source_stage_and_stays_frozen(
         return teacher
 
     monkeypatch.setattr(train_module, "load_teacher", load_and_keep)
-    overrides = ["experiment=demo", "debug=tiny", f"paths.data_dir={synthetic_data_dir}", "logger=csv", *TEACHER]
+    overrides = [*TINY_DEMO, f"paths.data_dir={synthetic_data_dir}", "logger=csv", *TEACHER]
     overrides += ["stage=source", f"teacher_ckpt={converted}", f"paths.output_dir={tmp_path / 'run'}"]
     results = train_module.train(compose_train(*overrides))
     assert list(results) == ["source"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from configs import compose_train, typed_train
+from configs import TINY_DEMO, compose_train, typed_train
 from reference_metrics import checkpoint_metrics
 
 from dgnetpp_pl.checkpoints import CheckpointError, load_checkpoint
@@ -21,12 +21,12 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_cfg(tmp_path: Path, data_dir: Path, *extra: str):
-    base = ["experiment=demo", "debug=tiny", f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path}"]
+    base = [*TINY_DEMO, f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path}"]
     return compose_train(*base, "logger=csv", *extra)
 
 
 def target_test_split(data_dir: Path):
-    cfg = typed_train("experiment=demo", "debug=tiny", f"paths.data_dir={data_dir}")
+    cfg = typed_train(*TINY_DEMO, f"paths.data_dir={data_dir}")
     target = build_domain(cfg.data.target, cfg.data.synthetic, cfg.data.data_dir, "target")
     return target.query, target.gallery
 

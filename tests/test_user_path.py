@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from configs import compose_train, typed_train
+from configs import TINY_DEMO, compose_train, typed_train
 from PIL import Image
 from reference_metrics import checkpoint_metrics, reference
 
@@ -115,8 +115,7 @@ def test_wandb_offline_run_holds_losses_metrics_pseudo_labels_and_the_images_on_
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     overrides = [
-        "experiment=demo",
-        "debug=tiny",
+        *TINY_DEMO,
         "logger=wandb",
         "data.val_split=0",  # no held-out split: the per-epoch metrics come from the target test split
         f"paths.data_dir={synthetic_data_dir}",
@@ -209,7 +208,7 @@ def test_optuna_maximises_the_held_out_split_map(tmp_path, synthetic_data_dir):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep_dir = tmp_path / "sweep"
     args = [
-        "hparams_search=optuna", "experiment=demo", "debug=tiny", "pseudo_label.k=8", "hydra.sweeper.n_trials=1",
+        "hparams_search=optuna", *TINY_DEMO, "pseudo_label.k=8", "hydra.sweeper.n_trials=1",
         f"paths.data_dir={synthetic_data_dir}", f"paths.log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={sweep_dir}",
     ]  # fmt: skip
     proc = cli("dgnetpp_pl", *args, cwd=tmp_path)
@@ -275,7 +274,7 @@ def test_a_per_identity_folder_trains_as_a_source_and_is_refused_as_a_target(
     tmp_path, benchmark_data_dir, synthetic_data_dir
 ):
     folder = per_identity_folder(benchmark_data_dir / "Market-1501-v15.09.15", tmp_path / "people")
-    tiny = ["experiment=demo", "debug=tiny", "stage=source"]
+    tiny = [*TINY_DEMO, "stage=source"]
     as_target = cli(
         "dgnetpp_pl", *tiny, "data.target.name=folder", f"data.target.root={folder}",
         f"paths.data_dir={synthetic_data_dir}", f"hydra.run.dir={tmp_path / 'target_run'}", cwd=tmp_path,
@@ -325,7 +324,7 @@ def test_evaluate_cli_equals_the_run_and_an_independent_re_ranking(tmp_path, tin
     for key in ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP"):
         assert metrics["plain"][key] == pytest.approx(results["source"][f"test/{key}"], abs=1e-6), key
     # Re-ranking recomputed here from the public feature extractor and the reference ranking code.
-    cfg = typed_train("experiment=demo", "debug=tiny", f"paths.data_dir={synthetic_data_dir}")
+    cfg = typed_train(*TINY_DEMO, f"paths.data_dir={synthetic_data_dir}")
     target = build_domain(cfg.data.target, cfg.data.synthetic, cfg.data.data_dir, "target")
     records = [*target.query, *target.gallery]
     feats = FeatureExtractor(ckpt, device="cpu", batch_size=32)([r.path for r in records]).numpy()
