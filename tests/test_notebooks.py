@@ -11,6 +11,7 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
+from configs import TINY_DEMO
 
 from dgnetpp_pl.train import STAGE_LABELS
 
@@ -88,7 +89,7 @@ def executed(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path)
     """Run the three notebooks in order (01 on the tiny preset); returns the executed notebooks and the run dir."""
     tmp = tmp_path_factory.mktemp("notebooks")
     run_dir = tmp / "run"
-    overrides = ["debug=tiny", "data.pairing=cross"]  # as TINY_DEMO: the notebook adds experiment=demo
+    overrides = [o for o in TINY_DEMO if o != "experiment=demo"]  # the notebook adds experiment=demo itself
     overrides += [f"paths.data_dir={synthetic_data_dir}", f"paths.output_dir={run_dir}"]
     env = {
         "DGNETPP_NOTEBOOK_OVERRIDES": shlex.join(overrides),

@@ -24,13 +24,12 @@ from dgnetpp_pl.resume_check import ResumeMismatch, check_model, compare_configs
 from dgnetpp_pl.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = TINY_DEMO
 
 
 def verdicts(stored: tuple[str, ...], current: tuple[str, ...], stage: str = "adapt", override=()) -> dict:
     """``{key: verdict}`` of the differences between two tiny configs (``paths.output_dir`` set apart)."""
-    old = plain(typed_train(*TINY, "paths.output_dir=/runs/a", *stored))
-    new = plain(typed_train(*TINY, "paths.output_dir=/runs/a", *current))
+    old = plain(typed_train(*TINY_DEMO, "paths.output_dir=/runs/a", *stored))
+    new = plain(typed_train(*TINY_DEMO, "paths.output_dir=/runs/a", *current))
     return {d.key: d.verdict for d in compare_configs(old, new, stage, override)}
 
 
@@ -56,8 +55,8 @@ def test_each_changed_key_gets_its_verdict() -> None:
 
 
 def test_a_moved_run_folder_compares_equal() -> None:
-    old = plain(typed_train(*TINY, "paths.output_dir=/scratch/job1/run"))
-    new = plain(typed_train(*TINY, "paths.output_dir=/home/me/run"))
+    old = plain(typed_train(*TINY_DEMO, "paths.output_dir=/scratch/job1/run"))
+    new = plain(typed_train(*TINY_DEMO, "paths.output_dir=/home/me/run"))
     assert old["callbacks"]["model_checkpoint"]["dirpath"] != new["callbacks"]["model_checkpoint"]["dirpath"]
     assert compare_configs(old, new, "adapt") == []
 
@@ -76,14 +75,14 @@ def test_a_moved_run_folder_compares_equal() -> None:
 )
 def test_resume_override_refuses_keys_that_must_match_with_the_reason(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        typed_train(*TINY, "ckpt_path=last", override)
+        typed_train(*TINY_DEMO, "ckpt_path=last", override)
 
 
 def test_resume_override_needs_a_resume_and_accepts_the_keys_that_may_change() -> None:
     with pytest.raises(ConfigError, match=r"resume_override applies when resuming: set ckpt_path=last"):
-        typed_train(*TINY, "resume_override=[model.optim.adapt.lr_app]")
+        typed_train(*TINY_DEMO, "resume_override=[model.optim.adapt.lr_app]")
     keys = ["model.optim.adapt.lr_app", "model.loss", "adapt.max_epochs", "logger", "data.num_workers"]
-    cfg = typed_train(*TINY, "ckpt_path=last", f"resume_override=[{','.join(keys)}]")
+    cfg = typed_train(*TINY_DEMO, "ckpt_path=last", f"resume_override=[{','.join(keys)}]")
     assert cfg.resume_override == keys
 
 
@@ -106,10 +105,10 @@ def test_resume_override_needs_a_resume_and_accepts_the_keys_that_may_change() -
 def test_start_up_rejects_values_naming_the_key(override: str, message: str | None) -> None:
     if message is None:
         with pytest.raises(ConfigError, match=r"train=false test=false has nothing to do"):
-            typed_train(*TINY, "ckpt_path=last", *override.split())
+            typed_train(*TINY_DEMO, "ckpt_path=last", *override.split())
         return
     with pytest.raises(ConfigError, match=message):
-        typed_train(*TINY, *override.split())
+        typed_train(*TINY_DEMO, *override.split())
 
 
 def test_a_checkpoint_for_other_shapes_is_a_table_not_a_size_mismatch() -> None:
@@ -138,7 +137,7 @@ def tree_state(root: Path) -> dict[str, tuple[str, int]]:
 
 def run_overrides(data_dir: Path) -> list[str]:
     """The shared tiny run's own overrides (see conftest.tiny_run), without its output folder."""
-    return [*TINY, f"paths.data_dir={data_dir}", "logger=csv"]
+    return [*TINY_DEMO, f"paths.data_dir={data_dir}", "logger=csv"]
 
 
 def resume(run: Path, data_dir: Path, *extra: str) -> dict:
